@@ -1,0 +1,8 @@
+"""Container and command-line entrypoint: ``python entrypoint.py run --manifest job.yaml``."""
+
+import sys
+
+from service.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Command line: configure logging, load the manifest, run, map the outcome to an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+
+from service.errors import ExitCode, ManifestError, SpotloraError
+
+if TYPE_CHECKING:
+    from service.manifest import LoadedManifest
+    from service.settings import RuntimeSettings
+
+log = structlog.get_logger("spotlora")
+
+EXAMPLE_MANIFEST = """\
+apiVersion: spotlora/v1
+kind: FineTuneJob
+metadata:
+  name: mistral-alpaca            # DNS-1123 label: names the run, its storage prefix, its metrics
+spec:
+  model:
+    source: s3://my-bucket/models/mistral-7b-v0.1/  # or a local dir, or a hub id (+ revision)
+  quantization: {quant_type: nf4, double_quant: true, compute_dtype: auto}
+  lora: {r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, k_proj, v_proj, o_proj]}
+  data:
+    train: s3://my-bucket/data/alpaca.jsonl          # or a local file/glob
+    format: alpaca
+    max_length: 512
+    eval_fraction: 0.02
+  training: {epochs: 3, batch_size: 4, gradient_accumulation: 4, learning_rate: 2.0e-4, seed: 42}
+  checkpoint: {every_steps: 50, every_seconds: 600, keep: 2, grace_period_seconds: 15}
+  output:
+    uri: s3://my-bucket/jobs/mistral-alpaca/         # or a local directory
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spotlora", description="QLoRA fine-tuning as a preemption-safe batch job."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def manifest_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--manifest",
+            "-f",
+            metavar="PATH|s3://...",
+            help="job manifest (YAML/JSON); else $SPOTLORA_MANIFEST (inline), "
+            "else $SPOTLORA_MANIFEST_URI",
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="PATH=VALUE",
+            help="override a field, e.g. training.learning_rate=1e-4 (repeatable)",
+        )
+
+    manifest_args(sub.add_parser("run", help="run a fine-tuning job"))
+    manifest_args(sub.add_parser("validate", help="check a manifest; print it resolved"))
+    sub.add_parser("schema", help="print the manifest's JSON Schema")
+    sub.add_parser("example", help="print an example manifest")
+    report = sub.add_parser("report", help="write plots for a finished run")
+    report.add_argument("uri", help="the run's output URI (local dir or s3://)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> tuple[LoadedManifest, RuntimeSettings]:
+    from service.manifest import load_manifest
+    from service.settings import RuntimeSettings
+    from service.storage import read_text
+
+    settings = RuntimeSettings()
+
+    def read_uri(uri: str) -> str:
+        try:
+            return read_text(uri)
+        except FileNotFoundError:
+            raise ManifestError(f"{uri}: manifest not found") from None
+
+    loaded = load_manifest(
+        cli_manifest=args.manifest,
+        env_inline=settings.manifest,
+        env_uri=settings.manifest_uri,
+        overrides=args.overrides,
+        read_uri=read_uri,
+    )
+    return loaded, settings
+
+
+def dispatch(args: argparse.Namespace) -> ExitCode:
+    if args.command == "schema":
+        from service.manifest import FineTuneJob
+
+        sys.stdout.write(json.dumps(FineTuneJob.model_json_schema(by_alias=True), indent=2) + "\n")
+        return ExitCode.OK
+    if args.command == "example":
+        sys.stdout.write(EXAMPLE_MANIFEST)
+        return ExitCode.OK
+    if args.command == "report":
+        from service.report import write_report
+        from service.storage import open_storage
+
+        storage = open_storage(args.uri)
+        record = json.loads(storage.read_bytes("run.json"))
+        out = Path(args.uri) if not args.uri.startswith("s3://") else Path.cwd()
+        for path in write_report(record, out):
+            if args.uri.startswith("s3://"):
+                storage.upload_file(path, path.name)
+            log.info("report_written", path=str(path))
+        return ExitCode.OK
+    loaded, settings = _load(args)
+    if args.command == "validate":
+        import yaml
+
+        doc = loaded.job.model_dump(mode="json", by_alias=True)
+        sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+        return ExitCode.OK
+    from service.recipe import execute
+
+    return execute(loaded, settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from service.logging import configure_logging
+    from service.settings import RuntimeSettings
+
+    try:
+        settings = RuntimeSettings()
+    except Exception as err:  # a malformed SPOTLORA_* variable
+        sys.stderr.write(f"spotlora: invalid environment: {err}\n")
+        return ExitCode.INVALID_INPUT
+    secrets = tuple(
+        s
+        for s in [settings.hf_token.get_secret_value() if settings.hf_token else None]
+        + [__import__("os").environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        if s
+    )
+    configure_logging(settings.log_format, settings.log_level, secrets)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:
+        return ExitCode.OK if exit_.code == 0 else ExitCode.INVALID_INPUT
+    try:
+        code = dispatch(args)
+    except SpotloraError as err:
+        log.error(
+            "job_failed", error=str(err), exit_code=int(err.exit_code), outcome=type(err).__name__
+        )
+        sys.stderr.write(f"spotlora: {err}\n")
+        return err.exit_code
+    except Exception:
+        log.exception("job_crashed", exit_code=int(ExitCode.UNEXPECTED))
+        return ExitCode.UNEXPECTED
+    return code

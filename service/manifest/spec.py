@@ -1,0 +1,292 @@
+"""The FineTuneJob manifest: one typed tree, split by domain.
+
+Every model forbids unknown keys, so a typo is an error instead of a silent
+default, and every field carries a description so the exported JSON Schema
+documents the format. Nothing here imports torch or touches the network:
+validation must be cheap and must happen before any of that.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Metadata(Strict):
+    name: str = Field(
+        description="DNS-1123 label (lower-case letters, digits, '-', at most 63 characters). "
+        "Names the run, its storage prefix and its metrics."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Free-form labels copied into run.json."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def name_is_dns1123_label(cls, value: str) -> str:
+        if len(value) > 63 or not DNS1123_LABEL.match(value):
+            raise ValueError(
+                f"{value!r} is not a DNS-1123 label: use at most 63 lower-case letters, "
+                "digits and '-', starting and ending with a letter or digit"
+            )
+        return value
+
+
+class ModelSpec(Strict):
+    source: str = Field(
+        description="Base model: a local directory, an s3://bucket/prefix/ holding a saved "
+        "model (downloaded once to the local cache), or a Hugging Face Hub id."
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Hub revision (branch, tag or commit) to pin; only for Hub ids.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run Python code shipped with the model. Off unless you trust the source.",
+    )
+
+    @model_validator(mode="after")
+    def revision_only_for_hub_ids(self) -> ModelSpec:
+        if self.revision is not None and (
+            self.source.startswith("s3://") or self.source.startswith(("/", "./", "../", "~"))
+        ):
+            raise ValueError("model.revision applies to Hub ids only, not to paths or s3:// URIs")
+        return self
+
+
+ComputeDtype = Literal["auto", "bf16", "fp16", "fp32"]
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}
+
+
+class QuantizationSpec(Strict):
+    quant_type: Literal["nf4", "fp4"] = Field(
+        default="nf4", description="4-bit data type of the frozen base weights."
+    )
+    double_quant: bool = Field(
+        default=True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
+    compute_dtype: ComputeDtype = Field(
+        default="auto",
+        description="Matmul dtype. 'auto': bf16 on compute capability >= 8.0, fp16 on older GPUs "
+        "such as the T4, fp32 on CPU. bf16 on a GPU without native bf16 is an error.",
+    )
+
+    @field_validator("compute_dtype", mode="before")
+    @classmethod
+    def accept_long_dtype_names(cls, value: object) -> object:
+        return _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+class LoraSpec(Strict):
+    r: int = Field(default=8, gt=0, le=1024, description="LoRA rank.")
+    alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha/r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        description="Module names to adapt, or 'all-linear'.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def target_modules_not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("lora.target_modules must name at least one module")
+        return value
+
+
+DataFormat = Literal["alpaca", "chat", "prompt_completion", "text"]
+
+
+class DataSpec(Strict):
+    train: str = Field(
+        description="Training data: a local file or glob, an s3:// object or prefix/glob, or a "
+        "directory written by datasets' save_to_disk. JSONL, JSON, Parquet or CSV."
+    )
+    eval: str | None = Field(default=None, description="Held-out data in the same forms as train.")
+    format: DataFormat = Field(
+        default="alpaca",
+        description="Row layout: alpaca (instruction/input/output), chat (messages), "
+        "prompt_completion (prompt/completion) or text (text).",
+    )
+    max_length: int = Field(
+        default=512, ge=16, le=131072, description="Tokens per sequence; longer rows are truncated."
+    )
+    eval_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Share of train rows held out for evaluation, chosen by a hash of each row so "
+        "the split does not drift as the data grows.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several rows into one sequence, attention kept within each row.",
+    )
+    completion_only_loss: bool | None = Field(
+        default=None,
+        description="Train on the response only. Default: true for alpaca, chat and "
+        "prompt_completion; not available for text.",
+    )
+
+    @model_validator(mode="after")
+    def one_eval_source(self) -> DataSpec:
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ValueError("data.eval and data.eval_fraction are exclusive: give one of them")
+        return self
+
+    @model_validator(mode="after")
+    def completion_loss_needs_a_prompt(self) -> DataSpec:
+        if self.format == "text" and self.completion_only_loss:
+            raise ValueError(
+                "data.completion_only_loss needs a prompt/response split; format 'text' has none"
+            )
+        return self
+
+    @property
+    def loss_on_completion_only(self) -> bool:
+        if self.completion_only_loss is None:
+            return self.format != "text"
+        return self.completion_only_loss
+
+
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_32bit"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+
+
+class TrainingSpec(Strict):
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    batch_size: int = Field(default=4, ge=1, description="Sequences per device per micro-batch.")
+    gradient_accumulation: int = Field(
+        default=1, ge=1, description="Micro-batches per optimizer step."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Scheduler = Field(default="linear", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(
+        default=0.0, ge=0, lt=1, description="Share of steps spent warming up."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Optimizer = Field(
+        default="adamw_torch", description="Optimizer (transformers name)."
+    )
+    gradient_checkpointing: bool = Field(
+        default=True, description="Recompute activations in backward to save memory."
+    )
+    logging_steps: int = Field(default=10, ge=1, description="Optimizer steps between log lines.")
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="Evaluate every N steps (default: at the end only)."
+    )
+    seed: int = Field(default=42, ge=0, description="Seed for initialisation, dropout and order.")
+
+
+class CheckpointSpec(Strict):
+    uri: str | None = Field(
+        default=None,
+        description="Where checkpoints go (local dir or s3://); default <output.uri>/checkpoints/.",
+    )
+    every_steps: int | None = Field(
+        default=50, ge=1, description="Commit a checkpoint every N optimizer steps."
+    )
+    every_seconds: float | None = Field(
+        default=600, gt=0, description="Commit a checkpoint at least this often (wall clock)."
+    )
+    keep: int = Field(default=2, ge=1, description="Committed checkpoints to keep per run.")
+    grace_period_seconds: float = Field(
+        default=15,
+        gt=0,
+        le=3600,
+        description="Seconds the platform allows between SIGTERM and SIGKILL; the final checkpoint "
+        "must be committed within it. Keep terminationGracePeriodSeconds at least this.",
+    )
+    resume_from: str | None = Field(
+        default=None,
+        description="Start from another run's committed checkpoints: the URI of its checkpoint "
+        "prefix (the folder holding LATEST), instead of this run's own.",
+    )
+
+
+class PreemptionSpec(Strict):
+    spot_notice: Literal["none", "aws", "gce"] = Field(
+        default="none", description="Poll this cloud's metadata server for a spot interruption."
+    )
+    poll_interval_seconds: float = Field(
+        default=5, gt=0, description="How often to poll the metadata server."
+    )
+    aws_metadata_endpoint: str = Field(
+        default="http://169.254.169.254", description="AWS IMDS base URL (IMDSv2)."
+    )
+    gce_metadata_endpoint: str = Field(
+        default="http://metadata.google.internal", description="GCE metadata server base URL."
+    )
+    max_runtime_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Checkpoint and exit 75 after this long, leaving the rest to the next pod.",
+    )
+
+
+class MetricsSpec(Strict):
+    port: int | None = Field(
+        default=9090, ge=0, le=65535, description="Port for /metrics; null disables the server."
+    )
+    pushgateway_url: str | None = Field(
+        default=None, description="Prometheus Pushgateway to push to at phase changes and the end."
+    )
+
+
+class OutputSpec(Strict):
+    uri: str = Field(description="Where the adapter and run.json go: a local dir or s3://.")
+
+
+class JobSpec(Strict):
+    model: ModelSpec = Field(description="The base model to adapt.")
+    quantization: QuantizationSpec = Field(
+        default_factory=QuantizationSpec, description="How the frozen base is quantized."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="The trained adapters.")
+    data: DataSpec = Field(description="Training and evaluation data.")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="Optimization schedule."
+    )
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Preemption-safe checkpoints."
+    )
+    preemption: PreemptionSpec = Field(
+        default_factory=PreemptionSpec, description="What else may stop the run early."
+    )
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics.")
+    output: OutputSpec = Field(description="Where results are published.")
+
+    @model_validator(mode="after")
+    def eval_steps_need_eval_data(self) -> JobSpec:
+        if (
+            self.training.eval_steps is not None
+            and self.data.eval is None
+            and self.data.eval_fraction == 0
+        ):
+            raise ValueError(
+                "training.eval_steps needs eval data: set data.eval or data.eval_fraction"
+            )
+        return self
+
+
+class FineTuneJob(Strict):
+    api_version: Annotated[Literal["spotlora/v1"], Field(alias="apiVersion")] = Field(
+        description="Manifest format version."
+    )
+    kind: Literal["FineTuneJob"] = Field(description="Manifest kind.")
+    metadata: Metadata = Field(description="Identity of the job.")
+    spec: JobSpec = Field(description="What to train, on what, and where results go.")

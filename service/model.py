@@ -1,0 +1,243 @@
+"""The base model: fetch it, load it in 4-bit, put LoRA adapters on it.
+
+QLoRA as in Dettmers et al.: frozen NF4 weights with double quantization,
+matmuls in the compute dtype, adapters and their optimizer state in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from service.errors import DependencyError, ManifestError
+from service.manifest.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
+from service.storage import S3Storage, split_s3_uri
+
+if TYPE_CHECKING:
+    import torch
+
+log = structlog.get_logger(__name__)
+
+# Files a causal LM directory needs besides its weights; pickled weights are never fetched.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
+DOWNLOAD_WORKERS = 8
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "cpu" or "cuda"
+    name: str
+    capability: tuple[int, int] | None = None
+    total_memory_bytes: int | None = None
+
+
+def detect_device() -> Device:
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Device("cuda", props.name, (props.major, props.minor), int(props.total_memory))
+    return Device("cpu", "cpu")
+
+
+def resolve_compute_dtype(requested: str, device: Device) -> str:
+    """bf16 only where the GPU computes it natively (compute capability >= 8.0).
+    torch.cuda.is_bf16_supported() also counts emulation, which is slow and not what a
+    T4 user wants, so the capability decides."""
+    if device.kind == "cpu":
+        if requested in ("auto", "fp32"):
+            return "fp32"
+        return requested
+    assert device.capability is not None
+    native_bf16 = device.capability >= BF16_MIN_CAPABILITY
+    if requested == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if requested == "bf16" and not native_bf16:
+        major, minor = device.capability
+        raise ManifestError(
+            f"spec.quantization.compute_dtype: bf16 needs compute capability >= 8.0, but "
+            f"{device.name} is {major}.{minor}; use fp16 or auto"
+        )
+    return requested
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def fetch_model(spec: ModelSpec, cache_dir: Path, hf_token: str | None = None) -> Path:
+    """Return a local directory holding the model, downloading it once if needed."""
+    source = spec.source
+    if source.startswith("s3://"):
+        return _fetch_s3_model(source, cache_dir / "models")
+    local = Path(source).expanduser()
+    if local.is_dir():
+        _check_model_dir(local, source)
+        return local
+    if source.startswith(("/", "./", "../", "~")) or local.suffix:
+        raise ManifestError(f"spec.model.source: {source}: no such directory")
+    return _fetch_hub_model(spec, cache_dir / "hub", hf_token)
+
+
+def _check_model_dir(path: Path, origin: str) -> None:
+    if not (path / "config.json").is_file():
+        raise ManifestError(f"spec.model.source: {origin}: no config.json (not a saved model)")
+    if not any(path.glob("*.safetensors")):
+        raise ManifestError(
+            f"spec.model.source: {origin}: no .safetensors weights (pickled weights are refused)"
+        )
+
+
+def _fetch_s3_model(uri: str, cache_root: Path) -> Path:
+    """Parallel download of a model prefix. Each file is kept with the ETag it came with,
+    so an interrupted download resumes with the missing files and a complete cache
+    costs one listing."""
+    bucket, prefix = split_s3_uri(uri if uri.endswith("/") else uri + "/")
+    store = S3Storage(f"s3://{bucket}/{prefix}")
+    objects = [
+        o for o in store.list_objects() if o.key.endswith(MODEL_FILE_SUFFIXES) and "/" not in o.key
+    ]
+    if not objects:
+        raise ManifestError(f"spec.model.source: {uri}: no model files under this prefix")
+    target = cache_root / bucket / prefix.strip("/")
+    target.mkdir(parents=True, exist_ok=True)
+    etags_path = target / ".spotlora-etags.json"
+    etags: dict[str, str] = json.loads(etags_path.read_text()) if etags_path.is_file() else {}
+    todo = [
+        o
+        for o in objects
+        if etags.get(o.key) != o.etag
+        or not (target / o.key).is_file()
+        or (target / o.key).stat().st_size != o.size
+    ]
+    if todo:
+        log.info("model_download", uri=uri, files=len(todo), bytes=sum(o.size for o in todo))
+        with ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
+            list(pool.map(lambda o: store.download_file(o.key, target / o.key), todo))
+        etags.update({o.key: o.etag for o in todo})
+        tmp = etags_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(etags, indent=1))
+        os.replace(tmp, etags_path)
+    else:
+        log.info("model_cache_hit", uri=uri, path=str(target))
+    _check_model_dir(target, uri)
+    return target
+
+
+def _fetch_hub_model(spec: ModelSpec, cache_root: Path, hf_token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            spec.source,
+            revision=spec.revision,
+            cache_dir=str(cache_root),
+            allow_patterns=[f"*{s}" for s in MODEL_FILE_SUFFIXES],
+            token=hf_token,
+        )
+    except Exception as err:  # the hub client raises many types; all mean "not reachable"
+        raise DependencyError(
+            f"spec.model.source: {spec.source}: {type(err).__name__}: {err}"
+        ) from None
+    _check_model_dir(Path(path), spec.source)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_quantized_model(
+    path: Path, spec: ModelSpec, quant: QuantizationSpec, dtype: str, device: Device
+) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute = torch_dtype(dtype)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=bnb,
+        dtype=compute,
+        device_map={"": 0 if device.kind == "cuda" else "cpu"},
+        trust_remote_code=spec.trust_remote_code,
+        use_safetensors=True,
+        attn_implementation="sdpa",
+    )
+    disable_cpu_inference_repack(model)
+    return model
+
+
+def disable_cpu_inference_repack(model: Any) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weights into an
+    inference-only layout on its first no-grad eval forward; training after that gets
+    almost no gradient, silently. An evaluation pass mid-training would trigger it."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def add_lora(model: Any, lora: LoraSpec, gradient_checkpointing: bool) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def upcast_trainable_to_fp32(model: Any) -> int:
+    """trl 1.16 casts LoRA weights of quantized models to bf16. In fp16 training the
+    GradScaler then refuses to unscale them, and in any dtype a saved-and-reloaded
+    adapter drifts from the one trained. Keep them, and so their optimizer state, fp32."""
+    import torch
+
+    count = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            count += 1
+    return count
+
+
+def build_model(spec: JobSpec, model_dir: Path, device: Device, dtype: str) -> tuple[Any, Any]:
+    tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
+    model = load_quantized_model(model_dir, spec.model, spec.quantization, dtype, device)
+    model = add_lora(model, spec.lora, spec.training.gradient_checkpointing)
+    return model, tokenizer

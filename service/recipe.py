@@ -1,0 +1,298 @@
+"""One run of a FineTuneJob: setup -> train -> save -> finish.
+
+This is the only module that wires the others together; read it top to bottom to
+know what the service does.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from service.checkpoint import BackgroundCommitter, CheckpointStore, Fenced
+from service.errors import ExitCode, ManifestError, Preempted
+from service.manifest import LoadedManifest
+from service.preemption import PreemptionWatcher
+from service.settings import RuntimeSettings
+from service.storage import PreconditionFailed, Storage, join, open_storage
+
+log = structlog.get_logger(__name__)
+
+RUN_RECORD = "run.json"
+ADAPTER_DIR = "adapter"
+VERSIONED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+    "spotlora",
+)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+@dataclass
+class Timings:
+    started_unix: float = field(default_factory=time.time)
+    marks: dict[str, float] = field(default_factory=dict)
+    _t0: float = field(default_factory=time.monotonic)
+
+    def mark(self, name: str) -> None:
+        self.marks[f"{name}_seconds"] = round(time.monotonic() - self._t0, 3)
+
+
+class FineTuneRun:
+    def __init__(self, loaded: LoadedManifest, settings: RuntimeSettings) -> None:
+        self.loaded = loaded
+        self.job = loaded.job
+        self.spec = loaded.job.spec
+        self.settings = settings
+        self.run_id = settings.run_id or self.job.metadata.name
+        self.cache_dir = settings.cache_dir
+        self.work_dir = self.cache_dir / "runs" / self.run_id
+        self.timings = Timings()
+        self.events: list[dict[str, Any]] = []
+        self.resumed_from: int | None = None
+        self.output: Storage = open_storage(self.spec.output.uri)
+        ckpt_uri = self.spec.checkpoint.uri or join(self.spec.output.uri, "checkpoints")
+        if self.spec.output.uri.startswith("s3://") and not ckpt_uri.startswith("s3://"):
+            ckpt_uri = "s3://" + ckpt_uri.removeprefix("s3:/")
+        self.checkpoints = CheckpointStore(
+            open_storage(ckpt_uri).child(self.run_id), writer=settings.pod_name
+        )
+        self.watcher = PreemptionWatcher(
+            self.spec.preemption, self.spec.checkpoint.grace_period_seconds
+        )
+        self.trainer: Any = None
+        self.safepoint: Any = None
+        self.committer = BackgroundCommitter(self.checkpoints, self.spec.checkpoint.keep)
+        self.data_report: dict[str, Any] = {}
+        self.data_fingerprint = ""
+        self.device: Any = None
+        self.dtype = ""
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self.events.append({"type": kind, "time": time.time(), **fields})
+
+    # ------------------------------------------------------------------ recipe
+
+    def run(self) -> ExitCode:
+        with self.watcher:
+            if self._already_done():
+                return ExitCode.OK
+            self.setup()
+            self.train()
+            self.save()
+        return ExitCode.OK
+
+    def _already_done(self) -> bool:
+        """A pod restarted after the run finished must not train it again."""
+        try:
+            record = json.loads(self.output.read_bytes(RUN_RECORD))
+        except FileNotFoundError:
+            return False
+        if record.get("run_id") == self.run_id and record.get("status") == "succeeded":
+            log.info("run_already_complete", output=self.output.uri)
+            return True
+        return False
+
+    def setup(self) -> None:
+        from service import data, model
+
+        # 1. Claim the run before any expensive work, so an older pod still running
+        #    is fenced off from the checkpoint pointer from here on.
+        found = self.checkpoints.claim()
+        log.info("run_claimed", run_id=self.run_id, checkpoint_step=found.step if found else None)
+        # 2. Device and dtype: a bf16 request on a T4 fails here, before any weight loads.
+        self.device = model.detect_device()
+        self.dtype = model.resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
+        log.info("device", kind=self.device.kind, name=self.device.name, dtype=self.dtype)
+        # 3. Data before the model: bad data fails in seconds, not after a 7B load.
+        dataset = data.load_dataset(self.spec.data, self.cache_dir)
+        self.data_report, self.data_fingerprint = dataset.report, dataset.fingerprint
+        log.info("data_loaded", **{k: v for k, v in dataset.report.items() if k != "files"})
+        self.timings.mark("data")
+        # 4. The 4-bit base and the adapters.
+        model_dir = model.fetch_model(
+            self.spec.model,
+            self.cache_dir,
+            self.settings.hf_token.get_secret_value() if self.settings.hf_token else None,
+        )
+        tokenizer = model.load_tokenizer(model_dir, self.spec.model.trust_remote_code)
+        if self.spec.data.format == "chat" and not tokenizer.chat_template:
+            raise ManifestError(
+                "spec.data.format: 'chat' needs a tokenizer with a chat template; "
+                f"{self.spec.model.source} has none"
+            )
+        peft_model = model.add_lora(
+            model.load_quantized_model(
+                model_dir, self.spec.model, self.spec.quantization, self.dtype, self.device
+            ),
+            self.spec.lora,
+            self.spec.training.gradient_checkpointing,
+        )
+        self.timings.mark("model")
+        # 5. The trainer, with the checkpoint/preemption callback.
+        from service.trainer import SafePointCallback, build_trainer
+
+        if self.work_dir.exists():
+            shutil.rmtree(self.work_dir)
+        self.work_dir.mkdir(parents=True)
+        self.safepoint = SafePointCallback(
+            self.spec,
+            self.committer,
+            self.watcher,
+            self.work_dir / "trainer",
+        )
+        self.committer.on_commit.append(
+            lambda c, seconds, size: self._event("checkpoint", step=c.step, upload_seconds=seconds)
+        )
+        self.trainer = build_trainer(
+            self.spec,
+            peft_model,
+            tokenizer,
+            dataset.train,
+            dataset.eval,
+            dtype=self.dtype,
+            on_cpu=self.device.kind == "cpu",
+            work_dir=self.work_dir / "trainer",
+            callbacks=[self.safepoint],
+            show_progress_bar=sys.stderr.isatty(),
+        )
+        self.timings.mark("setup")
+
+    def _resume_point(self) -> Path | None:
+        """The committed checkpoint to continue from: an explicit one from the manifest,
+        else this run's latest that verifies (falling back to older ones)."""
+        local = self.work_dir / "resume"
+        explicit = self.spec.checkpoint.resume_from
+        store = CheckpointStore(open_storage(explicit)) if explicit else self.checkpoints
+        committed = store.fetch_latest(local)
+        if committed is None:
+            if explicit:
+                raise ManifestError(
+                    f"spec.checkpoint.resume_from: no committed checkpoint at {explicit}"
+                )
+            return None
+        self.resumed_from = committed.step
+        self.safepoint.mark_resumed(committed.step)
+        self._event("resumed", step=committed.step)
+        log.info("resuming", step=committed.step, manifest=committed.manifest_key)
+        return local
+
+    def train(self) -> None:
+        from service.trainer import save_previous_step
+
+        resume = self._resume_point()
+        try:
+            self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        finally:
+            self.timings.mark("train")
+        stop = self.safepoint.stop
+        if stop.preempted:
+            if stop.mid_step and self.trainer.state.global_step > self.safepoint._last_saved_step:
+                save_previous_step(self.trainer, self.safepoint)
+            self._event("preempted", step=self.trainer.state.global_step)
+            budget = max(self.watcher.seconds_left(), 0.0)
+            if not self.committer.wait(budget):
+                raise Preempted(
+                    f"preempted ({self.watcher.reason}); the checkpoint did not commit within "
+                    "the grace budget, the previous committed one stands"
+                )
+            raise Preempted(
+                f"preempted ({self.watcher.reason}) at step {self.trainer.state.global_step}; "
+                "checkpoint committed, run again to resume"
+            )
+        self.committer.wait()  # a periodic upload still in flight, and its errors
+        if self.trainer.eval_dataset is not None:
+            metrics = self.trainer.evaluate()
+            log.info("evaluated", eval_loss=metrics.get("eval_loss"))
+
+    def save(self) -> None:
+        """Adapter first, then run.json: a reader that finds run.json finds it all."""
+        staging = self.work_dir / ADAPTER_DIR
+        self.trainer.model.save_pretrained(staging)
+        self.trainer.processing_class.save_pretrained(staging)
+        # Fenced off? Then a newer pod owns this run's outputs.
+        pointer, _ = self.checkpoints.read_pointer()
+        if pointer is not None and pointer.owner != self.checkpoints.writer:
+            raise Fenced("another process took over this run; not publishing its outputs")
+        previous = self.output.head(RUN_RECORD)
+        if previous is not None:
+            self.output.delete([RUN_RECORD])  # the old record must not vouch for new files
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            self.output.upload_file(path, f"{ADAPTER_DIR}/{path.relative_to(staging).as_posix()}")
+        self.timings.mark("save")
+        record = self.run_record("succeeded")
+        try:
+            self.output.write_bytes(
+                RUN_RECORD, json.dumps(record, indent=1, default=str).encode(), if_none_match=True
+            )
+        except PreconditionFailed:
+            raise Fenced("another process published this run's outputs first") from None
+        log.info(
+            "run_complete",
+            output=self.output.uri,
+            adapter=join(self.output.uri, ADAPTER_DIR),
+            steps=record["steps"],
+            final_train_loss=record["losses"]["final_train"],
+        )
+
+    # ------------------------------------------------------------------ record
+
+    def run_record(self, status: str) -> dict[str, Any]:
+        history = list(self.trainer.state.log_history) if self.trainer else []
+        train_losses = [h["loss"] for h in history if "loss" in h]
+        eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+        return {
+            "run_id": self.run_id,
+            "status": status,
+            "name": self.job.metadata.name,
+            "manifest": self.job.model_dump(mode="json", by_alias=True),
+            "manifest_sha256": self.loaded.sha256,
+            "manifest_origin": self.loaded.origin,
+            "versions": library_versions(),
+            "device": {"kind": self.device.kind, "name": self.device.name} if self.device else {},
+            "compute_dtype": self.dtype,
+            "data": {"fingerprint": self.data_fingerprint, **self.data_report},
+            "steps": self.trainer.state.global_step if self.trainer else 0,
+            "resumed_from_step": self.resumed_from,
+            "losses": {
+                "final_train": train_losses[-1] if train_losses else None,
+                "final_eval": eval_losses[-1] if eval_losses else None,
+                "best_eval": min(eval_losses) if eval_losses else None,
+            },
+            "timings": {"started_unix": self.timings.started_unix, **self.timings.marks},
+            "finished_unix": time.time(),
+            "events": self.events,
+            "log_history": history,
+        }
+
+
+def execute(loaded: LoadedManifest, settings: RuntimeSettings) -> ExitCode:
+    structlog.contextvars.bind_contextvars(
+        job=loaded.job.metadata.name,
+        run_id=settings.run_id or loaded.job.metadata.name,
+        pod=settings.pod_name,
+    )
+    return FineTuneRun(loaded, settings).run()

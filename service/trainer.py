@@ -1,0 +1,268 @@
+"""The training loop: trl's SFTTrainer configured from the manifest, plus the callback
+that turns checkpoint schedules and preemption requests into safe stopping points."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from transformers import (
+    PrinterCallback,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+from service.checkpoint import BackgroundCommitter
+from service.errors import DataError
+from service.manifest.spec import JobSpec
+from service.preemption import PreemptionWatcher
+
+log = structlog.get_logger(__name__)
+
+RNG_STATE_FILE = "rng_state.pth"
+# Finish the optimizer step in progress only if that is expected to take at most this
+# share of the grace budget; otherwise checkpoint the previous step's state at once.
+FINISH_STEP_BUDGET_SHARE = 1 / 3
+
+
+def build_trainer(
+    spec: JobSpec,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    *,
+    dtype: str,
+    on_cpu: bool,
+    work_dir: Path,
+    callbacks: list[TrainerCallback],
+    show_progress_bar: bool,
+) -> Any:
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from service.model import upcast_trainable_to_fp32
+
+    t = spec.training
+    args = SFTConfig(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="no",  # checkpoints are driven by SafePointCallback
+        report_to="none",
+        seed=t.seed,
+        data_seed=t.seed,
+        use_cpu=on_cpu,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        max_length=spec.data.max_length,
+        packing=spec.data.packing,
+        completion_only_loss=spec.data.loss_on_completion_only,
+        dataloader_num_workers=0,
+        disable_tqdm=not show_progress_bar,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(train_rows),
+        eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    # Its print() of every log dict bypasses structured logging; progress is logged instead.
+    trainer.remove_callback(PrinterCallback)
+    upcast_trainable_to_fp32(trainer.model)
+    check_rows_survived(trainer, len(train_rows), spec)
+    return trainer
+
+
+def check_rows_survived(trainer: Any, rows_given: int, spec: JobSpec) -> None:
+    """trl drops rows whose response is cut off entirely by max_length (nothing to learn
+    from); count them, and refuse a run that would train on nothing."""
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise DataError(
+            f"{spec.data.train}: no row has any response token within data.max_length="
+            f"{spec.data.max_length}; raise max_length or shorten the prompts"
+        )
+    if not spec.data.packing and kept < rows_given:
+        log.warning(
+            "data_rows_dropped",
+            dropped=rows_given - kept,
+            kept=kept,
+            reason=f"response starts beyond data.max_length={spec.data.max_length}",
+        )
+
+
+@dataclass
+class StopState:
+    preempted: bool = False
+    mid_step: bool = False  # stopped between micro-batches: save the previous step's state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.random.get_rng_state()
+    return state
+
+
+class SafePointCallback(TrainerCallback):
+    """Decides at each step and micro-batch boundary whether to checkpoint or stop.
+
+    Periodic checkpoints: Trainer writes the snapshot (the blocking part), then the
+    committer uploads it in the background. On a preemption request: finish the current
+    optimizer step if it fits in a share of the grace budget and checkpoint it; if not,
+    stop at the next micro-batch boundary and checkpoint the state as of the last
+    completed step (weights and optimizer only change at the step, and the RNG state of
+    that moment was kept), so the resumed run replays the partial step exactly.
+    """
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        committer: BackgroundCommitter,
+        watcher: PreemptionWatcher,
+        work_dir: Path,
+        on_checkpoint_saved: Any = None,
+    ) -> None:
+        self.every_steps = spec.checkpoint.every_steps
+        self.every_seconds = spec.checkpoint.every_seconds
+        self.committer = committer
+        self.watcher = watcher
+        self.work_dir = work_dir
+        self.on_checkpoint_saved = on_checkpoint_saved
+        self.stop = StopState()
+        self.step_rng: dict[str, Any] | None = None
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = -1
+        self._save_requested_at: float | None = None
+        self._micro_seconds = 0.0
+        self._micro_started = time.monotonic()
+        self._micro_in_step = 0
+        self._staging = itertools.count()
+
+    def mark_resumed(self, step: int) -> None:
+        self._last_saved_step = step
+
+    # -- timing of micro-batches, for the finish-or-stop decision ---------------
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        elapsed = now - self._micro_started
+        self._micro_seconds = (
+            elapsed if self._micro_seconds == 0 else (0.8 * self._micro_seconds + 0.2 * elapsed)
+        )
+        self._micro_started = now
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._micro_in_step = 0
+        self._micro_started = time.monotonic()
+
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._tick()
+        self._micro_in_step += 1
+        if not self.watcher.requested.is_set():
+            return
+        remaining = args.gradient_accumulation_steps - self._micro_in_step
+        expected = remaining * self._micro_seconds
+        if expected > self.watcher.seconds_left() * FINISH_STEP_BUDGET_SHARE:
+            log.warning(
+                "preemption_stop_mid_step",
+                step=state.global_step,
+                micro_batches_done=self._micro_in_step,
+                expected_finish_seconds=round(expected, 2),
+            )
+            self.stop = StopState(preempted=True, mid_step=True)
+            control.should_training_stop = True
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._tick()
+        self.step_rng = capture_rng_state()
+        step = state.global_step
+        if self.watcher.requested.is_set():
+            self.stop = StopState(preempted=True)
+            control.should_training_stop = True
+            if step != self._last_saved_step:
+                control.should_save = True
+        elif step != self._last_saved_step and (
+            (self.every_steps and step % self.every_steps == 0)
+            or (
+                self.every_seconds and time.monotonic() - self._last_save_time >= self.every_seconds
+            )
+        ):
+            control.should_save = True
+        if control.should_save:
+            self._save_requested_at = time.monotonic()
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        self.submit(folder, state.global_step)
+
+    def submit(self, folder: Path, step: int) -> None:
+        """Move the snapshot out of Trainer's way (a rename) and hand it to the committer."""
+        staged = self.work_dir / f"staged-{step:08d}-{next(self._staging)}"
+        os.replace(folder, staged)
+        blocking = time.monotonic() - (self._save_requested_at or time.monotonic())
+        self._save_requested_at = None
+        self._last_save_time = time.monotonic()
+        self._last_saved_step = step
+        log.info("checkpoint_saved", step=step, blocking_seconds=round(blocking, 3))
+        if self.on_checkpoint_saved is not None:
+            self.on_checkpoint_saved(step, blocking)
+        self.committer.submit(staged, step)
+
+
+def save_previous_step(trainer: Any, callback: SafePointCallback) -> None:
+    """After a mid-step stop: snapshot the last completed step. The weights, optimizer,
+    scheduler and trainer state in memory are still that step's (the partial step only
+    accumulated gradients); the RNG state is replaced by the one kept at that step."""
+    import torch
+
+    step = trainer.state.global_step
+    trainer.model.zero_grad(set_to_none=True)
+    callback._save_requested_at = time.monotonic()
+    trainer._save_checkpoint(trainer.model, None)
+    folder = Path(str(trainer.args.output_dir)) / f"checkpoint-{step}"
+    if callback.step_rng is not None:
+        torch.save(callback.step_rng, folder / RNG_STATE_FILE)
+    callback.submit(folder, step)
