@@ -1,0 +1,645 @@
+"""Every metric spotlora exposes, and the three ways they leave the process.
+
+1. Scraped: `JobMetrics.serve()` exposes `/metrics` for the whole run (port 9090 by contract).
+2. Pushed: with a Pushgateway URL, the metrics are pushed on each phase change, checkpoint,
+   preemption and at the end, so a Job that is gone still shows how it ended.
+3. Logged: off a terminal, `attach()` replaces transformers' tqdm bar with a progress line every
+   N seconds (a bar full of carriage returns is unreadable in `kubectl logs`).
+
+Names follow the Prometheus naming guide: a `spotlora_` prefix, base units (`_seconds`,
+`_bytes`, ratios in 0..1), `_total` on counters. There are no per-job labels on the metrics
+themselves: a scrape gets the Job's identity from target labels (see
+k8s/monitoring/podmonitor.yaml), a push from the grouping key. Never add a step, run id or pod as
+a label: each value would become a new series.
+
+Every metric lives on a per-job `CollectorRegistry`, not the process-global one, so a test (or a
+process that runs two jobs) can hold several at once.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
+from typing import Any, TextIO
+
+import structlog
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    Info,
+    pushadd_to_gateway,
+    start_http_server,
+)
+from prometheus_client.registry import Collector
+from transformers import (
+    PrinterCallback,
+    ProgressCallback,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PORT = 9090
+# The `job` half of the Pushgateway grouping key. The other half is `spotlora_job=<job name>`:
+# a Job name is bounded (one group per FineTuneJob, reused across its pod restarts), whereas a
+# run id or pod name would leave one group behind per attempt, forever, on the gateway.
+PUSHGATEWAY_JOB = "spotlora"
+PUSH_TIMEOUT_SECONDS = 5.0
+DEFAULT_PROGRESS_INTERVAL_SECONDS = 30.0
+
+# Saving a QLoRA adapter blocks for well under a second on a T4; uploads take seconds to minutes.
+SAVE_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+UPLOAD_BUCKETS_SECONDS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+# Distribution names reported in spotlora_build_info, read from package metadata so that
+# building the info never imports torch or bitsandbytes.
+BUILD_PACKAGES = ("spotlora", "torch", "transformers", "peft", "trl", "bitsandbytes")
+
+
+class Phase(StrEnum):
+    LOADING = "loading"
+    TRAINING = "training"
+    CHECKPOINTING = "checkpointing"
+    EXPORTING = "exporting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+class JobMetrics:
+    """The metrics of one job, and the HTTP server and Pushgateway pushes that carry them."""
+
+    def __init__(
+        self,
+        job_name: str,
+        registry: CollectorRegistry | None = None,
+        *,
+        pushgateway_url: str | None = None,
+        push_timeout_seconds: float = PUSH_TIMEOUT_SECONDS,
+    ) -> None:
+        self.job_name = job_name
+        self.registry = registry if registry is not None else CollectorRegistry()
+        # Only ever pushed together with `registry`, and only by finish(success=True): a push of
+        # `registry` alone (a failed or preempted run) then leaves the gateway's previous value.
+        self.success_registry = CollectorRegistry()
+        r = self.registry
+
+        self.phase = Enum(
+            "spotlora_job_phase",
+            "Current phase of the job; exactly one state is 1.",
+            states=[p.value for p in Phase],
+            registry=r,
+        )
+        self.job_start_time = Gauge(
+            "spotlora_job_start_time_seconds",
+            "Unix time this process started the job.",
+            registry=r,
+        )
+        self.build_info = Info(
+            "spotlora_build",
+            "Versions of spotlora and the training libraries in this image.",
+            registry=r,
+        )
+        self.job_info = Info(
+            "spotlora_job",
+            "What this job trains: base model and manifest hash.",
+            registry=r,
+        )
+
+        self.global_step = Gauge(
+            "spotlora_global_step", "Optimizer steps completed, counting resumed ones.", registry=r
+        )
+        self.max_steps = Gauge(
+            "spotlora_max_steps", "Optimizer steps the run will take in total.", registry=r
+        )
+        self.epoch = Gauge("spotlora_epoch", "Fractional epoch reached.", registry=r)
+        # A label, not two gauges: a labelled series appears only once a value is logged, so
+        # there is no fake loss of 0 before the first logging step or evaluation.
+        self.loss = Gauge(
+            "spotlora_loss",
+            "Last logged loss, by split (train: mean over the logging window).",
+            ["split"],
+            registry=r,
+        )
+        self.learning_rate = Gauge(
+            "spotlora_learning_rate", "Last logged learning rate.", registry=r
+        )
+        self.grad_norm = Gauge(
+            "spotlora_grad_norm", "Last logged gradient norm, before clipping.", registry=r
+        )
+        self.tokens = Counter(
+            "spotlora_train_tokens",
+            "Training tokens processed by this process (non-padding, as counted by trl).",
+            registry=r,
+        )
+        self.samples = Counter(
+            "spotlora_train_samples",
+            "Training sequences processed by this process (packed sequences count once).",
+            registry=r,
+        )
+        self.tokens_per_second = Gauge(
+            "spotlora_train_tokens_per_second",
+            "Training throughput between the last two logging steps.",
+            registry=r,
+        )
+
+        self.gpu_memory_allocated = Gauge(
+            "spotlora_gpu_memory_allocated_bytes",
+            "GPU memory held by tensors (torch.cuda.memory_allocated).",
+            registry=r,
+        )
+        self.gpu_memory_reserved = Gauge(
+            "spotlora_gpu_memory_reserved_bytes",
+            "GPU memory reserved by torch's caching allocator.",
+            registry=r,
+        )
+        self.gpu_memory_max_allocated = Gauge(
+            "spotlora_gpu_memory_max_allocated_bytes",
+            "Peak GPU memory held by tensors since the process started.",
+            registry=r,
+        )
+        self.gpu_utilization = Gauge(
+            "spotlora_gpu_utilization_ratio",
+            "GPU busy fraction over the last sample period, 0..1 (needs pynvml).",
+            registry=r,
+        )
+
+        self.checkpoint_save = Histogram(
+            "spotlora_checkpoint_save_seconds",
+            "Time training was blocked while a checkpoint was snapshotted.",
+            buckets=SAVE_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.checkpoint_upload = Histogram(
+            "spotlora_checkpoint_upload_seconds",
+            "Time to upload and commit a checkpoint, off the training thread.",
+            buckets=UPLOAD_BUCKETS_SECONDS,
+            registry=r,
+        )
+        self.checkpoint_upload_bytes = Counter(
+            "spotlora_checkpoint_upload_bytes",
+            "Bytes of committed checkpoints uploaded.",
+            registry=r,
+        )
+        self.checkpoints_committed = Counter(
+            "spotlora_checkpoints_committed", "Checkpoints committed.", registry=r
+        )
+        self.last_checkpoint_time = Gauge(
+            "spotlora_checkpoint_last_committed_timestamp_seconds",
+            "Unix time of the last committed checkpoint; 0 until the first one.",
+            registry=r,
+        )
+        self.last_checkpoint_step = Gauge(
+            "spotlora_checkpoint_last_committed_step",
+            "Global step of the last committed checkpoint.",
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "spotlora_preemptions",
+            "Preemption notices or stop signals received by this process.",
+            registry=r,
+        )
+        self.resumes = Counter(
+            "spotlora_resumes",
+            "Runs resumed from a committed checkpoint by this process.",
+            registry=r,
+        )
+        self.rows_skipped_total = Counter(
+            "spotlora_data_rows_skipped",
+            "Dataset rows dropped as unusable (empty, malformed, too long).",
+            registry=r,
+        )
+
+        self.last_success = Gauge(
+            "spotlora_last_success_timestamp_seconds",
+            "Unix time the job last finished successfully. Pushed only, and only on success.",
+            registry=self.success_registry,
+        )
+
+        self.phase.state(Phase.LOADING.value)
+        self.job_start_time.set(time.time())
+        self.build_info.info({f"{name}_version": _package_version(name) for name in BUILD_PACKAGES})
+        self._current_phase = Phase.LOADING
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self._server_thread: threading.Thread | None = None
+        self._pusher = (
+            _Pusher(
+                pushgateway_url,
+                job_name,
+                self.registry,
+                self.success_registry,
+                push_timeout_seconds,
+            )
+            if pushgateway_url
+            else None
+        )
+
+    # -- exposition -----------------------------------------------------------------------
+
+    def serve(self, port: int = DEFAULT_PORT, addr: str = "0.0.0.0") -> int:
+        """Serve `/metrics` from a daemon thread until close(); returns the bound port.
+
+        Port 0 picks a free port (tests). The success gauge is not served: the pod is gone by
+        the time it would be scraped, and it must reach the gateway only on success.
+        """
+        if self._server is not None:
+            raise RuntimeError("metrics server already running")
+        self._server, self._server_thread = start_http_server(port, addr, registry=self.registry)
+        bound_port = int(self._server.server_port)
+        log.info("metrics_serving", addr=addr, port=bound_port)
+        return bound_port
+
+    @property
+    def port(self) -> int | None:
+        return None if self._server is None else int(self._server.server_port)
+
+    def push(self) -> None:
+        """Ask for a push to the Pushgateway; returns at once (no-op without a gateway)."""
+        if self._pusher is not None:
+            self._pusher.request()
+
+    # -- events from the run ----------------------------------------------------------------
+
+    def set_phase(self, phase: Phase | str) -> None:
+        phase = Phase(phase)
+        with self._lock:
+            changed = phase != self._current_phase
+            self._current_phase = phase
+        self.phase.state(phase.value)
+        if changed:
+            self.push()
+
+    @property
+    def current_phase(self) -> Phase:
+        return self._current_phase
+
+    def set_info(self, *, model: str, manifest_sha256: str, **labels: str) -> None:
+        """Describe the job: one series per job, so bounded values only (no run id)."""
+        self.job_info.info({"model": model, "manifest_sha256": manifest_sha256, **labels})
+
+    def checkpoint_saved(self, step: int, blocking_seconds: float) -> None:
+        self.checkpoint_save.observe(blocking_seconds)
+        log.debug("checkpoint_saved_metrics", step=step, blocking_seconds=blocking_seconds)
+
+    def checkpoint_committed(self, step: int, upload_seconds: float, upload_bytes: int) -> None:
+        self.checkpoint_upload.observe(upload_seconds)
+        self.checkpoint_upload_bytes.inc(upload_bytes)
+        self.checkpoints_committed.inc()
+        self.last_checkpoint_step.set(step)
+        self.last_checkpoint_time.set(time.time())
+        self.push()
+
+    def preempted(self) -> None:
+        self.preemptions.inc()
+        self.push()
+
+    def resumed(self, step: int) -> None:
+        self.resumes.inc()
+        self.global_step.set(step)
+
+    def rows_skipped(self, n: int) -> None:
+        if n > 0:
+            self.rows_skipped_total.inc(n)
+
+    def sample_gpu(self) -> None:
+        """Refresh the GPU gauges; does nothing on a machine without CUDA, and never raises."""
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return
+            self.gpu_memory_allocated.set(torch.cuda.memory_allocated())
+            self.gpu_memory_reserved.set(torch.cuda.memory_reserved())
+            self.gpu_memory_max_allocated.set(torch.cuda.max_memory_allocated())
+            # torch.cuda.utilization() goes through NVML and raises without pynvml.
+            if importlib.util.find_spec("pynvml") is not None:
+                self.gpu_utilization.set(torch.cuda.utilization() / 100.0)
+        except Exception as exc:  # telemetry must never stop training
+            log.debug("gpu_sample_failed", error=str(exc))
+
+    def finish(self, success: bool, wait_seconds: float | None = None) -> None:
+        """Record the outcome and push it, waiting at most `wait_seconds` for the gateway.
+
+        The last-success timestamp is set (and pushed) only on success; on failure it is
+        left out of the push, so the gateway keeps the previous success.
+        """
+        if success:
+            self.last_success.set(time.time())
+        phase = Phase.DONE if success else Phase.FAILED
+        with self._lock:
+            self._current_phase = phase
+        self.phase.state(phase.value)
+        if self._pusher is not None:
+            generation = self._pusher.request(include_success=success)
+            timeout = self._pusher.timeout_seconds * 2 if wait_seconds is None else wait_seconds
+            if not self._pusher.wait(generation, timeout):
+                log.warning("pushgateway_final_push_timed_out", timeout_seconds=timeout)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._server_thread is not None:
+                self._server_thread.join(timeout=5)
+            self._server = None
+            self._server_thread = None
+        if self._pusher is not None:
+            self._pusher.close()
+
+    def __enter__(self) -> JobMetrics:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def metric_names(self) -> set[str]:
+        """Every sample name these metrics can expose, suffixes (`_bucket`, `_total`) included.
+
+        Derived from the families rather than the current samples, so a labelled metric with no
+        series yet is still listed.
+        """
+        names: set[str] = set()
+        for registry in (self.registry, self.success_registry):
+            for family in registry.collect():
+                suffixes = _SAMPLE_SUFFIXES.get(family.type, ("",))
+                names.update(family.name + suffix for suffix in suffixes)
+        return names
+
+
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+}
+
+
+class _CombinedCollector(Collector):
+    def __init__(self, registries: Iterable[CollectorRegistry]) -> None:
+        self._registries = tuple(registries)
+
+    def collect(self) -> Iterable[Any]:
+        for registry in self._registries:
+            yield from registry.collect()
+
+
+class _Pusher:
+    """Pushes from a daemon thread, so a down or slow gateway never stalls training.
+
+    Requests coalesce: metric values are read when the push happens, so ten requests made while
+    one push hangs become a single push of the latest values. The thread is a daemon, so even a
+    push stuck in DNS cannot keep the process from exiting.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        job_name: str,
+        registry: CollectorRegistry,
+        success_registry: CollectorRegistry,
+        timeout_seconds: float,
+    ) -> None:
+        self.url = url
+        self.grouping_key = {"spotlora_job": job_name}
+        self.timeout_seconds = timeout_seconds
+        self._registry = registry
+        self._with_success = CollectorRegistry(auto_describe=False)
+        self._with_success.register(_CombinedCollector((registry, success_registry)))
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._completed = 0
+        self._include_success = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="spotlora-push", daemon=True)
+        self._thread.start()
+
+    def request(self, include_success: bool = False) -> int:
+        with self._cond:
+            self._requested += 1
+            self._include_success = self._include_success or include_success
+            self._cond.notify_all()
+            return self._requested
+
+    def wait(self, generation: int, timeout_seconds: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._completed >= generation, timeout_seconds)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed or self._requested > self._completed)
+                if self._requested == self._completed:
+                    return
+                generation = self._requested
+                include_success = self._include_success
+            self._push(include_success)
+            with self._cond:
+                self._completed = generation
+                self._cond.notify_all()
+
+    def _push(self, include_success: bool) -> None:
+        # POST (pushadd), not PUT: it replaces only the metric names sent, so a push without
+        # the success gauge leaves the gateway's last success in place.
+        try:
+            pushadd_to_gateway(
+                self.url,
+                job=PUSHGATEWAY_JOB,
+                registry=self._with_success if include_success else self._registry,
+                grouping_key=self.grouping_key,
+                timeout=self.timeout_seconds,
+            )
+        except Exception as exc:  # a monitoring outage must never fail the job
+            log.warning("pushgateway_push_failed", url=self.url, error=str(exc))
+
+
+# -- the training loop side ---------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class MetricsCallback(TrainerCallback):
+    """Feeds JobMetrics from the trainer, and writes the progress line when asked to.
+
+    Reads the keys transformers 5 and trl 1.16 put in `logs`: `loss`, `grad_norm`,
+    `learning_rate`, `epoch`, `num_tokens` (trl: cumulative non-padding training tokens since
+    the trainer was built, not restored on resume) and `eval_loss`. Tokens/s is the
+    `num_tokens` delta between two logs over the wall time between them.
+    """
+
+    def __init__(
+        self,
+        metrics: JobMetrics,
+        *,
+        progress_interval_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.progress_interval_seconds = progress_interval_seconds
+        self._clock = clock
+        self._last_tokens: float | None = None
+        self._last_tokens_time = 0.0
+        self._tokens_per_second = 0.0
+        self._last_loss: dict[str, float] = {}
+        self._samples_per_step = 0
+        self._begin_time = 0.0
+        self._begin_step = 0
+        self._last_progress_time = 0.0
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        now = self._clock()
+        self._samples_per_step = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
+        self._begin_time = now
+        self._begin_step = state.global_step
+        self._last_progress_time = now
+        self._last_tokens = None
+        self._last_tokens_time = now
+        self.metrics.max_steps.set(state.max_steps)
+        self.metrics.global_step.set(state.global_step)
+        self.metrics.set_phase(Phase.TRAINING)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.metrics.global_step.set(state.global_step)
+        self.metrics.max_steps.set(state.max_steps)
+        if state.epoch is not None:
+            self.metrics.epoch.set(state.epoch)
+        self.metrics.samples.inc(self._samples_per_step)
+        if self.progress_interval_seconds is not None:
+            now = self._clock()
+            if now - self._last_progress_time >= self.progress_interval_seconds:
+                self._last_progress_time = now
+                self.log_progress(state, now)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        logs = logs or {}
+        # transformers appends {**logs, "step": ...} to log_history just before on_log. A wall
+        # time on it lets the run report plot tokens/s; it survives resumes in trainer_state.json.
+        if state.log_history and "time" not in state.log_history[-1]:
+            state.log_history[-1]["time"] = time.time()
+        for split, key in (("train", "loss"), ("eval", "eval_loss")):
+            loss = _number(logs.get(key))
+            if loss is not None:
+                self.metrics.loss.labels(split=split).set(loss)
+                self._last_loss[split] = loss
+        gauges = {
+            "learning_rate": self.metrics.learning_rate,
+            "grad_norm": self.metrics.grad_norm,
+            "epoch": self.metrics.epoch,
+        }
+        for key, gauge in gauges.items():
+            value = _number(logs.get(key))
+            if value is not None:
+                gauge.set(value)
+        tokens = _number(logs.get("num_tokens"))
+        if tokens is not None:
+            self._count_tokens(tokens)
+        self.metrics.global_step.set(state.global_step)
+        self.metrics.sample_gpu()
+
+    def _count_tokens(self, cumulative: float) -> None:
+        now = self._clock()
+        previous = self._last_tokens
+        # A smaller total means a new trainer (its counter starts at 0 again).
+        delta = cumulative if previous is None or cumulative < previous else cumulative - previous
+        if delta > 0:
+            self.metrics.tokens.inc(delta)
+        elapsed = now - self._last_tokens_time
+        if previous is not None and elapsed > 0:
+            self._tokens_per_second = delta / elapsed
+            self.metrics.tokens_per_second.set(self._tokens_per_second)
+        self._last_tokens = cumulative
+        self._last_tokens_time = now
+
+    def log_progress(self, state: TrainerState, now: float | None = None) -> None:
+        """One line, no carriage returns: step/total, percent, tokens/s, ETA and last losses."""
+        now = self._clock() if now is None else now
+        step, total = state.global_step, state.max_steps
+        done = step - self._begin_step
+        elapsed = now - self._begin_time
+        eta = (total - step) * elapsed / done if done > 0 and total >= step else None
+        log.info(
+            "progress",
+            step=step,
+            total_steps=total,
+            percent=round(100.0 * step / total, 1) if total else None,
+            tokens_per_second=round(self._tokens_per_second, 1),
+            eta=format_duration(eta),
+            eta_seconds=None if eta is None else round(eta),
+            **{f"{split}_loss": round(loss, 4) for split, loss in self._last_loss.items()},
+        )
+
+
+def format_duration(seconds: float | None) -> str | None:
+    if seconds is None or math.isnan(seconds) or math.isinf(seconds):
+        return None
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def attach(
+    trainer: Any,
+    metrics: JobMetrics,
+    *,
+    progress_interval_seconds: float = DEFAULT_PROGRESS_INTERVAL_SECONDS,
+    stream: TextIO | None = None,
+) -> MetricsCallback:
+    """Add the metrics callback to a built trainer and pick the progress display.
+
+    On a terminal transformers' tqdm bar stays. Off one (a pod's log), the bar and the
+    dict-printing PrinterCallback are removed and the callback logs a progress line every
+    `progress_interval_seconds` instead.
+    """
+    stream = sys.stderr if stream is None else stream
+    on_terminal = bool(getattr(stream, "isatty", lambda: False)())
+    callback = MetricsCallback(
+        metrics, progress_interval_seconds=None if on_terminal else progress_interval_seconds
+    )
+    if not on_terminal:
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(callback)
+    return callback
