@@ -21,10 +21,10 @@ locals {
   # and never scales up for the trainer.
   autoscaler_tags = merge(
     {
-      "k8s.io/cluster-autoscaler/enabled"                                  = "true"
-      "k8s.io/cluster-autoscaler/${var.cluster_name}"                      = "owned"
-      "k8s.io/cluster-autoscaler/node-template/resources/nvidia.com/gpu"   = "1"
-      "k8s.io/cluster-autoscaler/node-template/resources/ephemeral-storage" = "${var.disk_size_gib}G"
+      "k8s.io/cluster-autoscaler/enabled"                                     = "true"
+      "k8s.io/cluster-autoscaler/${var.cluster_name}"                         = "owned"
+      "k8s.io/cluster-autoscaler/node-template/resources/nvidia.com/gpu"      = "1"
+      "k8s.io/cluster-autoscaler/node-template/resources/ephemeral-storage"   = "${var.disk_size_gib}G"
       "k8s.io/cluster-autoscaler/node-template/taint/${local.node_taint.key}" = "${local.node_taint.value}:NoSchedule"
     },
     { for key, value in local.node_labels : "k8s.io/cluster-autoscaler/node-template/label/${key}" => value },

@@ -6,11 +6,11 @@
 locals {
   bucket_arn = "arn:${data.aws_partition.current.partition}:s3:::${var.bucket_name}"
 
-  read_prefixes  = distinct(concat(var.read_prefixes, var.write_prefixes))
-  read_objects   = [for p in local.read_prefixes : "${local.bucket_arn}/${p}*"]
-  write_objects  = [for p in var.write_prefixes : "${local.bucket_arn}/${p}*"]
-  list_patterns  = flatten([for p in local.read_prefixes : [p, "${p}*"]])
-  oidc_issuer    = var.oidc_provider_arn == null ? "" : element(split("oidc-provider/", var.oidc_provider_arn), 1)
+  read_prefixes   = distinct(concat(var.read_prefixes, var.write_prefixes))
+  read_objects    = [for p in local.read_prefixes : "${local.bucket_arn}/${p}*"]
+  write_objects   = [for p in var.write_prefixes : "${local.bucket_arn}/${p}*"]
+  list_patterns   = flatten([for p in local.read_prefixes : [p, "${p}*"]])
+  oidc_issuer     = var.oidc_provider_arn == null ? "" : element(split("oidc-provider/", var.oidc_provider_arn), 1)
   service_subject = "system:serviceaccount:${var.namespace}:${var.service_account}"
 }
 
