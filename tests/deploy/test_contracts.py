@@ -253,3 +253,21 @@ def test_job_file_storage_fits_the_bucket_layout(name: str) -> None:
     for uri in (spec["model"]["source"], spec["data"]["train"]):
         if uri.startswith("s3://"):
             assert any(key(uri).startswith(p) for p in readable), uri
+
+
+def test_gke_scheduling_matches_the_terraform_node_pool() -> None:
+    gcp = TERRAFORM / "gcp"
+    accelerator = tf_locals(gcp)["accelerator_type"]
+    pool = tf_blocks(gcp, "resource")["google_container_node_pool.t4_spot"]
+    assert pool["node_config"][0]["spot"] is True
+    selector = pod_spec(rendered("gke-t4"))["nodeSelector"]
+    assert selector["cloud.google.com/gke-accelerator"] == accelerator
+    assert selector["cloud.google.com/gke-spot"] == "true"
+
+
+def test_gke_service_account_matches_the_google_service_account() -> None:
+    gcp = TERRAFORM / "gcp"
+    account = find(rendered("gke-t4"), "ServiceAccount", "spotlora")
+    email = account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+    assert email.split("@")[0] == tf_variable_default(gcp, "job_service_account_id")
+    assert account["metadata"]["namespace"] == tf_variable_default(gcp, "namespace")

@@ -21,6 +21,7 @@ from deploy_support import (
 )
 
 AWS = TERRAFORM / "aws"
+GCP = TERRAFORM / "gcp"
 MODULES = AWS / "modules"
 MODULE_FILES = ("main.tf", "variables.tf", "outputs.tf", "versions.tf", "README.md")
 
@@ -94,8 +95,12 @@ def test_provider_requirements(module_dir: Path) -> None:
     (terraform,) = parse_tf(module_dir / "versions.tf")["terraform"]
     assert terraform["required_version"].startswith(">=")
     (providers,) = terraform["required_providers"]
-    assert providers["aws"]["source"] == "hashicorp/aws"
-    assert providers["aws"]["version"] == ">= 6.0, < 7.0"
+    cloud = module_dir.relative_to(TERRAFORM).parts[0]
+    expected = {
+        "aws": {"aws": {"source": "hashicorp/aws", "version": ">= 6.0, < 7.0"}},
+        "gcp": {"google": {"source": "hashicorp/google", "version": ">= 6.0, < 8.0"}},
+    }[cloud]
+    assert providers == expected
 
 
 def test_root_module_uses_every_local_module() -> None:
@@ -254,3 +259,43 @@ def test_job_role_trust_is_bound_to_the_service_account() -> None:
     assert subject == "system:serviceaccount:${var.namespace}:${var.service_account}"
     association = resource("job-identity", "aws_eks_pod_identity_association.this")
     assert association["service_account"] == "${var.service_account}"
+
+
+# --- GCP --------------------------------------------------------------------------------
+
+
+def gcp_resource(address: str) -> dict[str, Any]:
+    return tf_blocks(GCP, "resource")[address]
+
+
+def test_gke_node_pool_is_t4_spot_scaling_from_zero() -> None:
+    pool = gcp_resource("google_container_node_pool.t4_spot")
+    (autoscaling,) = pool["autoscaling"]
+    assert autoscaling["total_min_node_count"] == 0
+    (config,) = pool["node_config"]
+    assert config["spot"] is True
+    (accelerator,) = config["guest_accelerator"]
+    assert accelerator["type"] == "${local.accelerator_type}"
+    assert accelerator["count"] == 1
+    assert config["workload_metadata_config"][0]["mode"] == "GKE_METADATA"
+
+
+def test_gcs_bucket_invariants() -> None:
+    bucket = gcp_resource("google_storage_bucket.artifacts")
+    assert bucket["uniform_bucket_level_access"] is True
+    assert bucket["public_access_prevention"] == "enforced"
+    assert bucket["versioning"][0]["enabled"] is True
+    conditions = [rule["condition"][0] for rule in bucket["lifecycle_rule"]]
+    assert any(c.get("matches_prefix") == ["checkpoints/"] for c in conditions)
+    assert any("days_since_noncurrent_time" in c for c in conditions)
+
+
+def test_gke_trainer_identity_is_bound_and_scoped() -> None:
+    binding = gcp_resource("google_service_account_iam_member.workload_identity")
+    assert binding["role"] == "roles/iam.workloadIdentityUser"
+    member = tf_locals(GCP)["workload_member"]
+    assert member.endswith(".svc.id.goog[${var.namespace}/${var.service_account}]")
+    write = gcp_resource("google_storage_bucket_iam_member.job_write")
+    assert "startsWith" in write["condition"][0]["expression"]
+    registry = gcp_resource("google_artifact_registry_repository.images")
+    assert registry["docker_config"][0]["immutable_tags"] is True
