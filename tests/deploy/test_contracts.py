@@ -152,6 +152,7 @@ def test_container_contract(name: str) -> None:
     assert cache == "/var/cache/spotlora" and cache in mounts
     assert env["HF_HOME"]["value"].startswith(cache + "/")
     assert env["TMPDIR"]["value"] == "/tmp" and "/tmp" in mounts
+    assert env["HOME"]["value"] in mounts, "HOME must be writable on a read-only root"
     assert job_file(docs)["kind"] == "FineTuneJob"
 
 
