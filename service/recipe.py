@@ -23,7 +23,7 @@ from service.errors import ExitCode, ManifestError, Preempted
 from service.manifest import LoadedManifest
 from service.preemption import PreemptionWatcher
 from service.settings import RuntimeSettings
-from service.storage import PreconditionFailed, Storage, join, open_storage
+from service.storage import PreconditionFailed, Storage, open_storage, uri_join
 
 log = structlog.get_logger(__name__)
 
@@ -74,9 +74,7 @@ class FineTuneRun:
         self.events: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self.output: Storage = open_storage(self.spec.output.uri)
-        ckpt_uri = self.spec.checkpoint.uri or join(self.spec.output.uri, "checkpoints")
-        if self.spec.output.uri.startswith("s3://") and not ckpt_uri.startswith("s3://"):
-            ckpt_uri = "s3://" + ckpt_uri.removeprefix("s3:/")
+        ckpt_uri = self.spec.checkpoint.uri or uri_join(self.spec.output.uri, "checkpoints")
         self.checkpoints = CheckpointStore(
             open_storage(ckpt_uri).child(self.run_id), writer=settings.pod_name
         )
@@ -90,6 +88,11 @@ class FineTuneRun:
         self.data_fingerprint = ""
         self.device: Any = None
         self.dtype = ""
+        from service.metrics import JobMetrics
+
+        self.metrics = JobMetrics(
+            self.job.metadata.name, pushgateway_url=self.spec.metrics.pushgateway_url
+        )
 
     def _event(self, kind: str, **fields: Any) -> None:
         self.events.append({"type": kind, "time": time.time(), **fields})
@@ -97,13 +100,39 @@ class FineTuneRun:
     # ------------------------------------------------------------------ recipe
 
     def run(self) -> ExitCode:
-        with self.watcher:
-            if self._already_done():
-                return ExitCode.OK
-            self.setup()
-            self.train()
-            self.save()
-        return ExitCode.OK
+        from service.metrics import Phase
+
+        if self.spec.metrics.port is not None:
+            try:
+                self.metrics.serve(self.spec.metrics.port)
+            except OSError as err:  # metrics are on the side: never a reason not to train
+                log.warning(
+                    "metrics_server_unavailable", port=self.spec.metrics.port, error=str(err)
+                )
+        self.metrics.set_info(
+            model=self.spec.model.source, manifest_sha256=self.loaded.sha256, run_id=self.run_id
+        )
+        self.watcher.listeners.append(lambda reason: self.metrics.preempted())
+        success = False
+        try:
+            with self.watcher:
+                if not self._already_done():
+                    self.metrics.set_phase(Phase.LOADING)
+                    self.setup()
+                    self.train()
+                    self.metrics.set_phase(Phase.EXPORTING)
+                    self.save()
+            success = True
+            self.metrics.set_phase(Phase.DONE)
+            return ExitCode.OK
+        except Preempted:
+            raise
+        except BaseException:
+            self.metrics.set_phase(Phase.FAILED)
+            raise
+        finally:
+            self.metrics.finish(success)
+            self.metrics.close()
 
     def _already_done(self) -> bool:
         """A pod restarted after the run finished must not train it again."""
@@ -130,6 +159,7 @@ class FineTuneRun:
         # 3. Data before the model: bad data fails in seconds, not after a 7B load.
         dataset = data.load_dataset(self.spec.data, self.cache_dir)
         self.data_report, self.data_fingerprint = dataset.report, dataset.fingerprint
+        self.metrics.rows_skipped(dataset.report["rows_skipped"])
         log.info("data_loaded", **{k: v for k, v in dataset.report.items() if k != "files"})
         self.timings.mark("data")
         # 4. The 4-bit base and the adapters.
@@ -144,6 +174,10 @@ class FineTuneRun:
                 "spec.data.format: 'chat' needs a tokenizer with a chat template; "
                 f"{self.spec.model.source} has none"
             )
+        # Seed before the adapters are created: their initial weights are random.
+        from transformers import set_seed
+
+        set_seed(self.spec.training.seed)
         peft_model = model.add_lora(
             model.load_quantized_model(
                 model_dir, self.spec.model, self.spec.quantization, self.dtype, self.device
@@ -179,7 +213,14 @@ class FineTuneRun:
             callbacks=[self.safepoint],
             show_progress_bar=sys.stderr.isatty(),
         )
+        from service.metrics import attach
+
+        attach(self.trainer, self.metrics)
         self.timings.mark("setup")
+
+    def _on_commit(self, committed: Any, upload_seconds: float, upload_bytes: int) -> None:
+        self._event("checkpoint", step=committed.step, upload_seconds=upload_seconds)
+        self.metrics.checkpoint_committed(committed.step, upload_seconds, upload_bytes)
 
     def _resume_point(self) -> Path | None:
         """The committed checkpoint to continue from: an explicit one from the manifest,
@@ -196,6 +237,7 @@ class FineTuneRun:
             return None
         self.resumed_from = committed.step
         self.safepoint.mark_resumed(committed.step)
+        self.metrics.resumed(committed.step)
         self._event("resumed", step=committed.step)
         log.info("resuming", step=committed.step, manifest=committed.manifest_key)
         return local
@@ -253,7 +295,7 @@ class FineTuneRun:
         log.info(
             "run_complete",
             output=self.output.uri,
-            adapter=join(self.output.uri, ADAPTER_DIR),
+            adapter=uri_join(self.output.uri, ADAPTER_DIR),
             steps=record["steps"],
             final_train_loss=record["losses"]["final_train"],
         )

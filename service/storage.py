@@ -69,7 +69,13 @@ class Storage(Protocol):
 
 
 def join(*parts: str) -> str:
+    """Join key parts with single slashes (keys are relative: no leading slash)."""
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def uri_join(base: str, *parts: str) -> str:
+    """Extend a storage URI (s3://bucket/prefix or a local path), keeping its root."""
+    return base.rstrip("/") + "/" + join(*parts) if parts else base
 
 
 def open_storage(uri: str) -> Storage:

@@ -93,8 +93,9 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    # Its print() of every log dict bypasses structured logging; progress is logged instead.
+    # Its print() of every log dict bypasses structured logging; LogCallback replaces it.
     trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogCallback())
     upcast_trainable_to_fp32(trainer.model)
     check_rows_survived(trainer, len(train_rows), spec)
     return trainer
@@ -116,6 +117,22 @@ def check_rows_survived(trainer: Any, rows_given: int, spec: JobSpec) -> None:
             kept=kept,
             reason=f"response starts beyond data.max_length={spec.data.max_length}",
         )
+
+
+class LogCallback(TrainerCallback):
+    """The trainer's log dicts (loss, learning rate, grad norm, tokens) as log events."""
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs:
+            event = "eval_log" if any(k.startswith("eval_") for k in logs) else "train_log"
+            log.info(event, step=state.global_step, **logs)
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""The real entrypoint, as a process: outputs, exit codes and what is left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.jobs import job_env, manifest, run_job, write_manifest
+
+
+def test_job_writes_adapter_then_run_record(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    job = manifest(
+        "tiny-local", str(tiny_model), str(tiny_data), str(out), data={"eval_fraction": 0.1}
+    )
+    path = write_manifest(tmp_path / "job.yaml", job)
+    env = job_env(tmp_path / "cache")
+    done = run_job(["run", "--manifest", str(path)], env)
+    assert done.code == 0, done.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json"):
+        assert (out / "adapter" / name).is_file(), name
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "succeeded"
+    assert record["steps"] == 6
+    assert record["data"]["rows_read"] == 48 and record["data"]["eval_rows"] >= 1
+    assert record["losses"]["final_eval"] is not None
+    assert record["versions"]["bitsandbytes"] == "0.50.2"
+    assert len([h for h in record["log_history"] if "loss" in h]) == 6
+    # run.json is written last: every file it vouches for is older.
+    newest_adapter = max(p.stat().st_mtime_ns for p in (out / "adapter").iterdir())
+    assert (out / "run.json").stat().st_mtime_ns >= newest_adapter
+    # Logs are JSON lines with the job's identity bound on each.
+    steps = done.named("train_log")
+    assert steps and all(e["job"] == "tiny-local" and e["run_id"] == "tiny-local" for e in steps)
+
+    # A pod restarted after success does not train again.
+    again = run_job(["run", "--manifest", str(path)], env)
+    assert again.code == 0
+    assert again.named("run_already_complete")
+    assert not again.named("train_log")
+
+
+def test_invalid_manifest_exits_2_with_one_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "apiVersion: spotlora/v1\nkind: FineTuneJob\nmetadata: {name: x}\n"
+        "spec: {model: {source: m}, data: {train: d, fromat: alpaca}, "
+        "output: {uri: o}}\n"
+    )
+    done = run_job(["run", "--manifest", str(path)], job_env(tmp_path / "cache"))
+    assert done.code == 2
+    assert "spec.data.fromat: unknown field" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_validate_prints_resolved_manifest(tmp_path: Path) -> None:
+    job = manifest("v", "m", "d.jsonl", str(tmp_path / "o"))
+    path = write_manifest(tmp_path / "job.yaml", job)
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "entrypoint.py",
+            "validate",
+            "-f",
+            str(path),
+            "--set",
+            "training.learning_rate=5e-5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env=job_env(tmp_path / "cache"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "learning_rate: 5.0e-05" in proc.stdout
+    assert "quant_type: nf4" in proc.stdout  # defaults are shown resolved
+
+
+def test_missing_manifest_file_exits_2(tmp_path: Path) -> None:
+    done = run_job(["run", "--manifest", str(tmp_path / "nope.yaml")], job_env(tmp_path))
+    assert done.code == 2
+    assert "manifest not found" in done.stderr
+
+
+def test_unusable_data_exits_65_naming_the_first_bad_line(tiny_model: Path, tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "x"}\nnot json\n{"output": "y"}\n')
+    out = tmp_path / "out"
+    path = write_manifest(
+        tmp_path / "job.yaml", manifest("bad-data", str(tiny_model), str(data), str(out))
+    )
+    done = run_job(["run", "--manifest", str(path)], job_env(tmp_path / "cache"))
+    assert done.code == 65
+    assert f"{data} line 1: missing or empty 'output'" in done.stderr
+    assert "no usable alpaca rows in 3 read" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (out / "run.json").exists() and not (out / "adapter").exists()
+
+
+@pytest.mark.parametrize("spec_change", [{"data": {"format": "chat"}}])
+def test_wrong_format_for_rows_exits_65(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, spec_change: dict[str, dict[str, str]]
+) -> None:
+    path = write_manifest(
+        tmp_path / "job.yaml",
+        manifest("fmt", str(tiny_model), str(tiny_data), str(tmp_path / "out"), **spec_change),
+    )
+    done = run_job(["run", "--manifest", str(path)], job_env(tmp_path / "cache"))
+    assert done.code == 65
+    assert "missing or empty 'messages' list" in done.stderr
+
+
+def test_unreachable_storage_exits_69(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
+    path = write_manifest(
+        tmp_path / "job.yaml",
+        manifest("s3-down", str(tiny_model), str(tiny_data), "s3://bucket/out/"),
+    )
+    env = job_env(
+        tmp_path / "cache",
+        AWS_ENDPOINT_URL_S3="http://127.0.0.1:9",
+        AWS_MAX_ATTEMPTS="2",
+        AWS_ACCESS_KEY_ID="x",
+        AWS_SECRET_ACCESS_KEY="y",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    done = run_job(["run", "--manifest", str(path)], env)
+    assert done.code == 69, done.stderr[-2000:]
+    assert "failed after 2 attempts" in done.stderr
+    assert "Traceback" not in done.stderr

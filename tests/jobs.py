@@ -1,0 +1,152 @@
+"""Helpers to write small job manifests and run the real entrypoint as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRYPOINT = REPO / "entrypoint.py"
+
+
+def manifest(name: str, model: str, train: str, output: str, **sections: Any) -> dict[str, Any]:
+    """A small, fast job; ``sections`` update the spec's sections, e.g. training={...}."""
+    spec: dict[str, Any] = {
+        "model": {"source": model},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train": train, "format": "alpaca", "max_length": 96},
+        "training": {
+            "max_steps": 6,
+            "batch_size": 2,
+            "gradient_accumulation": 2,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "seed": 7,
+            "gradient_checkpointing": False,
+        },
+        "checkpoint": {"every_steps": 100, "every_seconds": 3600},
+        "metrics": {"port": None},
+        "output": {"uri": output},
+    }
+    for section, values in sections.items():
+        spec.setdefault(section, {}).update(values)
+    return {
+        "apiVersion": "spotlora/v1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def write_manifest(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def job_env(cache_dir: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "SPOTLORA_CACHE_DIR": str(cache_dir),
+        "SPOTLORA_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in ("SPOTLORA_RUN_ID", "SPOTLORA_MANIFEST", "SPOTLORA_MANIFEST_URI"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Finished:
+    code: int
+    events: list[dict[str, Any]]
+    stderr: str
+    signals_sent: list[tuple[str, float]] = field(default_factory=list)
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+
+def parse_events(stderr: str) -> list[dict[str, Any]]:
+    events = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events
+
+
+def run_job(
+    args: list[str],
+    env: dict[str, str],
+    *,
+    timeout_seconds: float = 600,
+    interrupt: Callable[[dict[str, Any]], int | None] | None = None,
+) -> Finished:
+    """Run ``entrypoint.py ARGS``; ``interrupt`` sees each log event and may return a signal
+    number to send to the process at that moment."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ENTRYPOINT), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    sent: list[tuple[str, float]] = []
+    deadline = time.monotonic() + timeout_seconds
+    for line in proc.stderr:
+        lines.append(line)
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("job did not finish in time:\n" + "".join(lines[-20:]))
+        if interrupt is not None and line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            sig = interrupt(event)
+            if sig is not None:
+                proc.send_signal(sig)
+                sent.append((signal.Signals(sig).name, time.monotonic()))
+    code = proc.wait(timeout=timeout_seconds)
+    stderr = "".join(lines)
+    return Finished(code, parse_events(stderr), stderr, sent)
+
+
+def at_step(step: int, sig: int = signal.SIGTERM) -> Callable[[dict[str, Any]], int | None]:
+    """Send ``sig`` once, at the first log of ``step`` or later."""
+    sent = False
+
+    def decide(event: dict[str, Any]) -> int | None:
+        nonlocal sent
+        if not sent and event.get("event") == "train_log" and event.get("step", 0) >= step:
+            sent = True
+            return sig
+        return None
+
+    return decide
+
+
+def step_losses(run_record: dict[str, Any]) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in run_record["log_history"] if "loss" in h}
+
+
+def adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
