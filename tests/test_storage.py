@@ -26,7 +26,10 @@ def test_write_read_list_head_delete(storage: Storage) -> None:
     storage.write_bytes("a/two.txt", b"22")
     storage.write_bytes("b.txt", b"333")
     assert storage.read_bytes("a/two.txt") == b"22"
-    assert [(o.key, o.size) for o in storage.list_objects("a/")] == [("a/one.txt", 1), ("a/two.txt", 2)]
+    assert [(o.key, o.size) for o in storage.list_objects("a/")] == [
+        ("a/one.txt", 1),
+        ("a/two.txt", 2),
+    ]
     assert {o.key for o in storage.list_objects()} == {"a/one.txt", "a/two.txt", "b.txt"}
     info = storage.head("b.txt")
     assert info is not None and info.size == 3
