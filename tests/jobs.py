@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ def run_job(
     *,
     timeout_seconds: float = 600,
     interrupt: Callable[[dict[str, Any]], int | None] | None = None,
+    kill_after_seconds: float | None = None,
 ) -> Finished:
     """Run ``entrypoint.py ARGS``; ``interrupt`` sees each log event and may return a signal
     number to send to the process at that moment."""
@@ -108,6 +110,16 @@ def run_job(
     assert proc.stderr is not None
     lines: list[str] = []
     sent: list[tuple[str, float]] = []
+    timer = None
+    if kill_after_seconds is not None:
+
+        def kill() -> None:
+            if proc.poll() is None:
+                proc.kill()
+                sent.append(("SIGKILL", time.monotonic()))
+
+        timer = threading.Timer(kill_after_seconds, kill)
+        timer.start()
     deadline = time.monotonic() + timeout_seconds
     for line in proc.stderr:
         lines.append(line)
@@ -124,6 +136,8 @@ def run_job(
                 proc.send_signal(sig)
                 sent.append((signal.Signals(sig).name, time.monotonic()))
     code = proc.wait(timeout=timeout_seconds)
+    if timer is not None:
+        timer.cancel()
     stderr = "".join(lines)
     return Finished(code, parse_events(stderr), stderr, sent)
 
