@@ -236,6 +236,71 @@ def upcast_trainable_to_fp32(model: Any) -> int:
     return count
 
 
+# --------------------------------------------------------------------------- memory
+
+# Bytes of activations one token holds while one decoder layer is recomputed and
+# back-propagated, in units of (hidden + intermediate) x 2 bytes; and the LM head's
+# transient half-precision copies, in units of vocabulary x hidden x 2 bytes. Fitted to
+# peaks measured on a Mistral-7B shape in fp16 with 4-bit weights (bench/README.md).
+LAYER_ACTIVATION_FACTOR = 12.6
+LM_HEAD_COPIES = 2
+# Share of the memory limit the estimate may fill: the allocator's fragmentation and
+# the caching of freed blocks take the rest.
+AUTO_BATCH_MEMORY_SHARE = 0.85
+AUTO_BATCH_MAX = 64
+CPU_BATCH_SIZE = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    fixed_bytes: int  # weights, adapters, their gradients and optimizer state
+    per_sequence_bytes: int  # activations of one sequence of max_length tokens
+
+    def total_bytes(self, batch_size: int) -> int:
+        return self.fixed_bytes + batch_size * self.per_sequence_bytes
+
+
+def estimate_memory(
+    model: Any, *, max_length: int, gradient_checkpointing: bool, weight_bytes: int
+) -> MemoryEstimate:  # weight_bytes: what the loaded model holds on the device now
+    """Peak GPU memory of a training step, before one runs. With checkpointing a token keeps
+    each layer's input (in the residual stream's dtype, fp32 after k-bit preparation) plus
+    one layer's working set; without it, every layer's working set."""
+    config = model.config.get_text_config()
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", 4 * hidden)
+    residual_bytes = model.get_input_embeddings().weight.element_size()
+    layer = LAYER_ACTIVATION_FACTOR * (hidden + intermediate) * 2
+    per_token = layers * hidden * residual_bytes + (
+        layer if gradient_checkpointing else layers * layer
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # weight_bytes holds the (fp32) adapters already; add their gradients and two AdamW moments
+    fixed = weight_bytes + 12 * trainable + LM_HEAD_COPIES * config.vocab_size * hidden * 2
+    return MemoryEstimate(int(fixed), int(per_token * max_length))
+
+
+def memory_limit_bytes() -> int:
+    """The device's memory as this process may use it (a per-process fraction counts)."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = get_fraction(0) if get_fraction is not None else 1.0
+    return int(total * fraction)
+
+
+def auto_batch_size(estimate: MemoryEstimate, limit_bytes: int) -> int:
+    budget = limit_bytes * AUTO_BATCH_MEMORY_SHARE - estimate.fixed_bytes
+    if budget < estimate.per_sequence_bytes:
+        raise ManifestError(
+            f"training.batch_size=auto: one sequence needs ~{estimate.total_bytes(1) / 2**30:.1f} "
+            f"GiB of the {limit_bytes / 2**30:.1f} GiB available; lower data.max_length or turn "
+            "on training.gradient_checkpointing"
+        )
+    return int(min(AUTO_BATCH_MAX, budget // estimate.per_sequence_bytes))
+
+
 def build_model(spec: JobSpec, model_dir: Path, device: Device, dtype: str) -> tuple[Any, Any]:
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
     model = load_quantized_model(model_dir, spec.model, spec.quantization, dtype, device)

@@ -52,10 +52,16 @@ def build_trainer(
     from service.model import upcast_trainable_to_fp32
 
     t = spec.training
+    upcast_trainable_to_fp32(model)
+    batch_size = resolve_batch_size(spec, model, on_cpu=on_cpu)
+    # Packing is done here, not by trl: trl's packing turns on its padding-free mode, which
+    # concatenates a whole micro-batch into one row. Without FlashAttention (a T4 has none)
+    # attention then runs over the full concatenation with a block-diagonal mask, quadratic
+    # in batch_size * max_length. Packed rows of max_length keep the mask per row.
     args = SFTConfig(
         output_dir=str(work_dir),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=t.gradient_accumulation,
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
@@ -79,7 +85,7 @@ def build_trainer(
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         max_length=spec.data.max_length,
-        packing=spec.data.packing,
+        packing=False,
         completion_only_loss=spec.data.loss_on_completion_only,
         dataloader_num_workers=0,
         disable_tqdm=not show_progress_bar,
@@ -92,13 +98,79 @@ def build_trainer(
         eval_dataset=datasets.Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         callbacks=callbacks,
+        data_collator=PackedRowsCollator(tokenizer.pad_token_id) if spec.data.packing else None,
     )
     # Its print() of every log dict bypasses structured logging; LogCallback replaces it.
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogCallback())
     upcast_trainable_to_fp32(trainer.model)
     check_rows_survived(trainer, len(train_rows), spec)
+    if spec.data.packing:
+        pack_datasets(trainer, spec.data.max_length)
     return trainer
+
+
+def resolve_batch_size(spec: JobSpec, model: Any, *, on_cpu: bool) -> int:
+    """training.batch_size, with 'auto' sized from a memory estimate made before any step."""
+    from service.model import CPU_BATCH_SIZE, auto_batch_size, estimate_memory, memory_limit_bytes
+
+    requested = spec.training.batch_size
+    if requested != "auto":
+        return requested
+    if on_cpu:
+        return CPU_BATCH_SIZE
+    import torch
+
+    estimate = estimate_memory(
+        model,
+        max_length=spec.data.max_length,
+        gradient_checkpointing=spec.training.gradient_checkpointing,
+        weight_bytes=torch.cuda.memory_allocated(),
+    )
+    limit = memory_limit_bytes()
+    chosen = auto_batch_size(estimate, limit)
+    log.info(
+        "batch_size_auto",
+        batch_size=chosen,
+        estimated_peak_bytes=estimate.total_bytes(chosen),
+        memory_limit_bytes=limit,
+    )
+    return chosen
+
+
+def pack_datasets(trainer: Any, max_length: int) -> None:
+    """Best-fit-decreasing packing of the tokenized rows into sequences of max_length."""
+    from trl.data_utils import pack_dataset
+
+    def pack(dataset: Any) -> Any:
+        # The prompt/completion text columns are spent once tokenized, and cannot be packed.
+        keep = [c for c in ("input_ids", "labels") if c in dataset.column_names]
+        return pack_dataset(dataset.select_columns(keep), max_length, strategy="bfd")
+
+    trainer.train_dataset = pack(trainer.train_dataset)
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = pack(trainer.eval_dataset)
+
+
+class PackedRowsCollator:
+    """Batches packed rows without an attention mask, positions restarting at each packed
+    row: transformers then derives a block-diagonal causal mask from the positions
+    (masking_utils.find_packed_sequence_indices), so no row sees another."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.inner = DataCollatorForLanguageModeling(
+            pad_token_id=pad_token_id, return_position_ids=True
+        )
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner(examples)
+        del batch["attention_mask"]  # with a mask present, positions are not read for packing
+        # A row's first token must not be predicted from the previous row's last one;
+        # padding sits at position 0 too, already unlabelled.
+        batch["labels"][batch["position_ids"] == 0] = -100
+        return batch
 
 
 def check_rows_survived(trainer: Any, rows_given: int, spec: JobSpec) -> None:
@@ -110,7 +182,7 @@ def check_rows_survived(trainer: Any, rows_given: int, spec: JobSpec) -> None:
             f"{spec.data.train}: no row has any response token within data.max_length="
             f"{spec.data.max_length}; raise max_length or shorten the prompts"
         )
-    if not spec.data.packing and kept < rows_given:
+    if kept < rows_given:
         log.warning(
             "data_rows_dropped",
             dropped=rows_given - kept,

@@ -129,8 +129,10 @@ class DataSpec(Strict):
         "the split does not drift as the data grows.",
     )
     packing: bool = Field(
-        default=False,
-        description="Pack several rows into one sequence, attention kept within each row.",
+        default=True,
+        description="Pack several rows into each sequence of max_length tokens (best-fit "
+        "decreasing), attention and positions kept within each row. No padding is computed, "
+        "which is most of the speed on short rows.",
     )
     completion_only_loss: bool | None = Field(
         default=None,
@@ -168,7 +170,12 @@ class TrainingSpec(Strict):
     max_steps: int | None = Field(
         default=None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    batch_size: int = Field(default=4, ge=1, description="Sequences per device per micro-batch.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto",
+        description="Sequences per device per micro-batch (packed sequences of data.max_length "
+        "tokens when packing). 'auto': the largest that fits the GPU's memory, from an estimate "
+        "made before training; 4 on CPU.",
+    )
     gradient_accumulation: int = Field(
         default=1, ge=1, description="Micro-batches per optimizer step."
     )
@@ -249,6 +256,35 @@ class MetricsSpec(Strict):
 
 class OutputSpec(Strict):
     uri: str = Field(description="Where the adapter and run.json go: a local dir or s3://.")
+    per_run: bool = Field(
+        default=False,
+        description="Keep every run: outputs under runs/<run id>/, an append-only run index "
+        "under index/, and a PUBLISHED pointer to the promoted run (for scheduled retraining). "
+        "Off: adapter/ and run.json directly under the URI.",
+    )
+
+
+class PromotionSpec(Strict):
+    skip_if_unchanged: bool = Field(
+        default=True,
+        description="Exit 0 without loading the model when the data and the training-relevant "
+        "manifest fields equal those of the last successful run.",
+    )
+    warm_start: bool = Field(
+        default=False, description="Start from the published adapter instead of from scratch."
+    )
+    max_eval_loss_increase: float = Field(
+        default=0.0,
+        ge=0,
+        description="Publish only if eval loss is at most this much above the published "
+        "adapter's, both measured on this run's eval data.",
+    )
+    keep_runs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Delete outputs and checkpoints of all but the newest N runs (the published "
+        "one is always kept). Null keeps everything.",
+    )
 
 
 class JobSpec(Strict):
@@ -269,6 +305,20 @@ class JobSpec(Strict):
     )
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics.")
     output: OutputSpec = Field(description="Where results are published.")
+    promotion: PromotionSpec = Field(
+        default_factory=PromotionSpec,
+        description="Scheduled retraining: skipping, warm starts, gating and retention. "
+        "Applies when output.per_run is on.",
+    )
+
+    @model_validator(mode="after")
+    def warm_start_needs_per_run_outputs(self) -> JobSpec:
+        if self.promotion.warm_start and not self.output.per_run:
+            raise ValueError(
+                "promotion.warm_start starts from the published adapter, which exists only "
+                "with output.per_run: true"
+            )
+        return self
 
     @model_validator(mode="after")
     def eval_steps_need_eval_data(self) -> JobSpec:

@@ -1,0 +1,204 @@
+"""What every benchmark shares: model shapes, the synthetic data, a random-init model
+directory, the T4 emulation and the measured matmul rate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+T4_MEMORY_BYTES = 15 * GIB
+SEED = 1234
+VOCAB_SIZE = 32000
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+# Mistral-7B-v0.1's config.json, written out by hand so nothing is downloaded.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mistral-7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "rms_norm_eps": 1e-5,
+    },
+    # A quick check of the whole path in seconds; same vocabulary, GQA and MLP shape ratios.
+    "small": {
+        "hidden_size": 512,
+        "intermediate_size": 1792,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "rms_norm_eps": 1e-5,
+    },
+}
+
+
+def model_config(preset: str) -> Any:
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_act="silu",
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        **PRESETS[preset],
+    )
+
+
+def param_count(preset: str) -> int:
+    p = PRESETS[preset]
+    h, i, n = p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"]
+    kv = h // p["num_attention_heads"] * p["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    return n * per_layer + 2 * VOCAB_SIZE * h + h
+
+
+# --------------------------------------------------------------------------- data
+
+
+def sequence_lengths(count: int, seed: int = SEED) -> list[int]:
+    """Alpaca-like lengths: lognormal, median 150 tokens, sigma 0.75, clipped to 32..512."""
+    rng = random.Random(seed)
+    return [
+        min(512, max(32, round(math.exp(rng.gauss(math.log(150), 0.75))))) for _ in range(count)
+    ]
+
+
+def token_rows(count: int, seed: int = SEED) -> list[dict[str, list[int]]]:
+    """Pre-tokenized rows (ids never special tokens), so trl does no tokenizing."""
+    rng = random.Random(seed + 1)
+    first = len(SPECIAL_TOKENS)
+    return [
+        {"input_ids": [rng.randrange(first, VOCAB_SIZE) for _ in range(n)]}
+        for n in sequence_lengths(count, seed)
+    ]
+
+
+def text_rows(count: int, seed: int = SEED) -> list[dict[str, str]]:
+    """The same lengths as text for the word-level tokenizer below (one token per word;
+    trl adds EOS), for jobs that go through the product's data loader."""
+    rng = random.Random(seed + 1)
+    first = len(SPECIAL_TOKENS)
+    return [
+        {"text": " ".join(f"t{rng.randrange(first, VOCAB_SIZE)}" for _ in range(n - 1))}
+        for n in sequence_lengths(count, seed)
+    ]
+
+
+def build_tokenizer() -> Any:
+    """A word-level tokenizer over the model's 32,000 ids: the benchmark needs real ids and a
+    pad/eos token, not real text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"t{i}": i for i in range(len(SPECIAL_TOKENS), VOCAB_SIZE)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+def ensure_model_dir(preset: str, path: Path) -> dict[str, float]:
+    """A random-init model saved as bf16 safetensors, built on the GPU (seconds, not the
+    minutes a CPU init of 7B takes). Reused when already there."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    if (path / "config.json").is_file():
+        return {"model_dir_reused": 1.0}
+    start = time.monotonic()
+    torch.manual_seed(SEED)
+    with torch.device("cuda"):
+        model = MistralForCausalLM(model_config(preset)).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    built = time.monotonic() - start
+    tmp = path.with_name(path.name + ".partial")
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    build_tokenizer().save_pretrained(tmp)
+    os.replace(tmp, path)
+    saved = time.monotonic() - start - built
+    del model
+    torch.cuda.empty_cache()
+    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return {"model_init_seconds": built, "model_save_seconds": saved, "model_bytes": size}
+
+
+# --------------------------------------------------------------------------- device
+
+
+def emulate_t4() -> None:
+    """A T4's 15 GiB: the caching allocator refuses to go past it in this process."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, T4_MEMORY_BYTES / total), 0)
+
+
+def matmul_tflops(dtype_name: str, size: int = 8192, repeats: int = 20) -> float:
+    """Dense matmul rate on random data, timed with CUDA events after warm-up."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / repeats
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size**3 / seconds / 1e12
+
+
+def environment() -> dict[str, Any]:
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "gpu_memory_gib": round(props.total_memory / GIB, 1),
+        "versions": versions,
+    }
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, default=str))

@@ -1,0 +1,125 @@
+"""The throughput benchmark: python -m bench.run --preset mistral-7b --t4
+
+Builds (once) a random-init model directory of the preset's shape, measures the bf16 and
+fp16 matmul rates, runs each variant in its own process and prints one table. Variants:
+seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp16[:B..]
+(B: micro-batch sizes, swept in one process; default 'auto', the product's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import ensure_model_dir, environment, matmul_tflops, write_json
+
+
+def prepare(preset: str, model_dir: Path, out: Path) -> None:
+    """Runs in its own process so its GPU memory is gone before the variants start."""
+    info = ensure_model_dir(preset, model_dir)
+    info["bf16_matmul_tflops"] = matmul_tflops("bf16")
+    info["fp16_matmul_tflops"] = matmul_tflops("fp16")
+    write_json(out, {**info, **environment()})
+
+
+def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: float) -> list[str]:
+    name, _, sizes = spec.partition(":")
+    cmd = [sys.executable, "-m", "bench.variant"]
+    cmd += ["spotlora" if name.startswith("spotlora") else name]
+    cmd += ["--model-dir", str(opts.model_dir), "--preset", opts.preset, "--out", str(out)]
+    cmd += ["--steps", str(opts.steps), "--warmup", str(opts.warmup)]
+    cmd += ["--matmul-tflops", str(tflops)]
+    if opts.t4:
+        cmd.append("--t4")
+    if name == "spotlora-nockpt":
+        cmd.append("--no-checkpointing")
+    if name == "spotlora-frozen-fp16":
+        cmd.append("--frozen-fp16")
+    if sizes:
+        cmd += ["--batch-sizes", sizes]
+    return cmd
+
+
+def table(results: list[dict[str, Any]], seed_rate: float | None) -> str:
+    lines = [
+        "| variant | micro-batch | s/step | non-pad tokens/s | x seed | useful MFU "
+        "| peak alloc / reserved GiB | est. GiB | load s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        for run in res.get("runs", []):
+            label = res["variant"].partition(":")[0]
+            if run["status"] != "ok":
+                lines.append(f"| {label} | {run.get('batch_size')} | {run['status']} |||||||")
+                continue
+            ratio = f"{run['tokens_per_second'] / seed_rate:.2f}" if seed_rate else "-"
+            est = run.get("estimated_peak_gib")
+            lines.append(
+                f"| {label} | {run['batch_size']}x{run.get('gradient_accumulation', 4)} "
+                f"| {run['seconds_per_step']:.3f} | {run['tokens_per_second']:,.0f} | {ratio} "
+                f"| {run.get('useful_mfu', 0):.1%} "
+                f"| {run['peak_allocated_gib']:.2f} / {run['peak_reserved_gib']:.2f} "
+                f"| {f'{est:.2f}' if est else '-'} | {res.get('model_load_seconds', 0):.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="mistral-7b", choices=["mistral-7b", "small"])
+    parser.add_argument("--t4", action="store_true", help="fp16 and a 15 GiB cap, every variant")
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--steps", type=int, default=14, help="optimizer steps, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variant", action="append", help="repeatable; default: seed, spotlora")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per variant")
+    opts = parser.parse_args()
+    opts.model_dir = opts.model_dir or Path(f"/tmp/spotlora-bench/{opts.preset}")
+    variants = opts.variant or ["seed", "spotlora"]
+    opts.out.mkdir(parents=True, exist_ok=True)
+
+    prep = opts.out / "prepare.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from bench.run import prepare; "
+            "prepare(sys.argv[1], __import__('pathlib').Path(sys.argv[2]), "
+            "__import__('pathlib').Path(sys.argv[3]))",
+            opts.preset,
+            str(opts.model_dir),
+            str(prep),
+        ],
+        check=True,
+    )
+    info = json.loads(prep.read_text())
+    print("prepare", json.dumps(info), flush=True)
+    results = []
+    for i, spec in enumerate(variants):
+        out = opts.out / f"{i:02d}-{spec.replace(':', '-').replace(',', '_')}.json"
+        cmd = variant_command(spec, opts, out, info["bf16_matmul_tflops"])
+        try:
+            code = subprocess.run(cmd, timeout=opts.timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = -1
+        res = json.loads(out.read_text()) if out.is_file() else {"variant": spec, "runs": []}
+        res["variant"], res["exit_code"] = spec, code
+        results.append(res)
+    seed = next((r for r in results if r["variant"] == "seed" and r["runs"]), None)
+    seed_rate = seed["runs"][0].get("tokens_per_second") if seed else None
+    summary = {"prepare": info, "t4_emulation": opts.t4, "results": results}
+    write_json(opts.out / "summary.json", summary)
+    print(
+        f"\n{info['gpu']}; bf16 matmul {info['bf16_matmul_tflops']:.0f} TFLOP/s, fp16 "
+        f"{info['fp16_matmul_tflops']:.0f}; T4 emulation: {opts.t4}"
+    )
+    print(table(results, seed_rate))
+
+
+if __name__ == "__main__":
+    main()
