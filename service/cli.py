@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     manifest_args(sub.add_parser("validate", help="check a manifest; print it resolved"))
     sub.add_parser("schema", help="print the manifest's JSON Schema")
     sub.add_parser("example", help="print an example manifest")
+    runs = sub.add_parser("runs", help="the history of a scheduled job (output.per_run)")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    runs_sub.add_parser("list", help="one line per run").add_argument("uri")
+    show = runs_sub.add_parser("show", help="one run's record")
+    show.add_argument("uri")
+    show.add_argument("run_id")
     report = sub.add_parser("report", help="write plots for a finished run")
     report.add_argument("uri", help="the run's output URI (local dir or s3://)")
     return parser
@@ -96,6 +102,38 @@ def _load(args: argparse.Namespace) -> tuple[LoadedManifest, RuntimeSettings]:
     return loaded, settings
 
 
+def show_runs(args: argparse.Namespace) -> ExitCode:
+    import time
+
+    from service.promotion import RunHistory
+    from service.storage import open_storage
+
+    history = RunHistory(open_storage(args.uri))
+    if args.runs_command == "show":
+        try:
+            record = history.run_storage(args.run_id).read_bytes("run.json")
+        except FileNotFoundError:
+            raise ManifestError(f"{args.uri}: no run {args.run_id!r} with a run.json") from None
+        sys.stdout.write(record.decode() + "\n")
+        return ExitCode.OK
+    published, _ = history.published()
+    current = published["run_id"] if published else None
+    sys.stdout.write(
+        f"{'RUN':24} {'STARTED (UTC)':20} {'STATUS':10} {'STEPS':>6} {'EVAL LOSS':>10}  "
+        "PUBLISHED  REASON\n"
+    )
+    for e in history.entries():
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["started_unix"]))
+        eval_loss = (e.get("losses") or {}).get("final_eval")
+        loss = f"{eval_loss:.4f}" if isinstance(eval_loss, float) else "-"
+        mark = "*" if e["run_id"] == current else ("yes" if e["promoted"] else "no")
+        sys.stdout.write(
+            f"{e['run_id']:24} {started:20} {e['status']:10} {e.get('steps') or 0:>6} "
+            f"{loss:>10}  {mark:9}  {e.get('reason', '')}\n"
+        )
+    return ExitCode.OK
+
+
 def dispatch(args: argparse.Namespace) -> ExitCode:
     if args.command == "schema":
         from service.manifest import FineTuneJob
@@ -105,6 +143,8 @@ def dispatch(args: argparse.Namespace) -> ExitCode:
     if args.command == "example":
         sys.stdout.write(EXAMPLE_MANIFEST)
         return ExitCode.OK
+    if args.command == "runs":
+        return show_runs(args)
     if args.command == "report":
         from service.report import write_report
         from service.storage import open_storage

@@ -222,6 +222,11 @@ class JobMetrics:
             "Runs resumed from a committed checkpoint by this process.",
             registry=r,
         )
+        self.runs_skipped = Counter(
+            "spotlora_runs_skipped",
+            "Scheduled runs that exited early: data and training settings unchanged.",
+            registry=r,
+        )
         self.rows_skipped_total = Counter(
             "spotlora_data_rows_skipped",
             "Dataset rows dropped as unusable (empty, malformed, too long).",
@@ -315,6 +320,9 @@ class JobMetrics:
     def resumed(self, step: int) -> None:
         self.resumes.inc()
         self.global_step.set(step)
+
+    def skipped(self) -> None:
+        self.runs_skipped.inc()
 
     def rows_skipped(self, n: int) -> None:
         if n > 0:

@@ -22,8 +22,9 @@ from service.checkpoint import BackgroundCommitter, CheckpointStore, Fenced
 from service.errors import ExitCode, ManifestError, Preempted
 from service.manifest import LoadedManifest
 from service.preemption import PreemptionWatcher
+from service.promotion import Decision, RunHistory, decide, index_entry, training_sha256
 from service.settings import RuntimeSettings
-from service.storage import PreconditionFailed, Storage, open_storage, uri_join
+from service.storage import PreconditionFailed, Storage, download_prefix, open_storage, uri_join
 
 log = structlog.get_logger(__name__)
 
@@ -73,10 +74,17 @@ class FineTuneRun:
         self.timings = Timings()
         self.events: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
+        self.history: RunHistory | None = None
         self.output: Storage = open_storage(self.spec.output.uri)
+        if self.spec.output.per_run:
+            self.history = RunHistory(self.output)
+            self.output = self.history.run_storage(self.run_id)
+        self.skipped: str | None = None
+        self.decision: Decision | None = None
         ckpt_uri = self.spec.checkpoint.uri or uri_join(self.spec.output.uri, "checkpoints")
+        self.checkpoint_root = open_storage(ckpt_uri)
         self.checkpoints = CheckpointStore(
-            open_storage(ckpt_uri).child(self.run_id), writer=settings.pod_name
+            self.checkpoint_root.child(self.run_id), writer=settings.pod_name
         )
         self.watcher = PreemptionWatcher(
             self.spec.preemption, self.spec.checkpoint.grace_period_seconds
@@ -119,9 +127,12 @@ class FineTuneRun:
                 if not self._already_done():
                     self.metrics.set_phase(Phase.LOADING)
                     self.setup()
-                    self.train()
-                    self.metrics.set_phase(Phase.EXPORTING)
-                    self.save()
+                    if self.skipped:
+                        self.record_skip()
+                    else:
+                        self.train()
+                        self.metrics.set_phase(Phase.EXPORTING)
+                        self.save()
             success = True
             self.metrics.set_phase(Phase.DONE)
             return ExitCode.OK
@@ -140,7 +151,7 @@ class FineTuneRun:
             record = json.loads(self.output.read_bytes(RUN_RECORD))
         except FileNotFoundError:
             return False
-        if record.get("run_id") == self.run_id and record.get("status") == "succeeded":
+        if record.get("run_id") == self.run_id and record.get("status") in ("succeeded", "skipped"):
             log.info("run_already_complete", output=self.output.uri)
             return True
         return False
@@ -162,6 +173,8 @@ class FineTuneRun:
         self.metrics.rows_skipped(dataset.report["rows_skipped"])
         log.info("data_loaded", **{k: v for k, v in dataset.report.items() if k != "files"})
         self.timings.mark("data")
+        if self._unchanged_since_last_success():
+            return
         # 4. The 4-bit base and the adapters.
         model_dir = model.fetch_model(
             self.spec.model,
@@ -185,6 +198,8 @@ class FineTuneRun:
             self.spec.lora,
             self.spec.training.gradient_checkpointing,
         )
+        if self.spec.promotion.warm_start:
+            self._warm_start(peft_model)
         self.timings.mark("model")
         # 5. The trainer, with the checkpoint/preemption callback.
         from service.trainer import SafePointCallback, build_trainer
@@ -266,9 +281,12 @@ class FineTuneRun:
                 "checkpoint committed, run again to resume"
             )
         self.committer.wait()  # a periodic upload still in flight, and its errors
+        eval_loss = None
         if self.trainer.eval_dataset is not None:
-            metrics = self.trainer.evaluate()
-            log.info("evaluated", eval_loss=metrics.get("eval_loss"))
+            eval_loss = self.trainer.evaluate().get("eval_loss")
+            log.info("evaluated", eval_loss=eval_loss)
+        if self.history is not None:
+            self.decision = self._promotion_decision(eval_loss)
 
     def save(self) -> None:
         """Adapter first, then run.json: a reader that finds run.json finds it all."""
@@ -285,6 +303,19 @@ class FineTuneRun:
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             self.output.upload_file(path, f"{ADAPTER_DIR}/{path.relative_to(staging).as_posix()}")
         self.timings.mark("save")
+        if self.history is not None and self.decision is not None and self.decision.promoted:
+            # Before run.json: a pod that dies in between re-runs and publishes again.
+            _, tag = self.history.published()
+            self.history.publish(
+                {
+                    "run_id": self.run_id,
+                    "adapter": f"runs/{self.run_id}/{ADAPTER_DIR}",
+                    "published_unix": time.time(),
+                    "eval_loss": self.run_record("succeeded")["losses"]["final_eval"],
+                },
+                tag,
+            )
+            log.info("published", run_id=self.run_id, reason=self.decision.reason)
         record = self.run_record("succeeded")
         try:
             self.output.write_bytes(
@@ -292,6 +323,12 @@ class FineTuneRun:
             )
         except PreconditionFailed:
             raise Fenced("another process published this run's outputs first") from None
+        if self.history is not None:
+            self.history.append(index_entry(record, self.decision))
+            if self.spec.promotion.keep_runs:
+                published, _ = self.history.published()
+                protect = {self.run_id} | ({published["run_id"]} if published else set())
+                self.history.prune(self.spec.promotion.keep_runs, self.checkpoint_root, protect)
         log.info(
             "run_complete",
             output=self.output.uri,
@@ -299,6 +336,92 @@ class FineTuneRun:
             steps=record["steps"],
             final_train_loss=record["losses"]["final_train"],
         )
+
+    # ------------------------------------------------------------------ retraining
+
+    def _unchanged_since_last_success(self) -> bool:
+        if self.history is None or not self.spec.promotion.skip_if_unchanged:
+            return False
+        last = self.history.last_success()
+        if (
+            last is None
+            or last["data_fingerprint"] != self.data_fingerprint
+            or last["training_sha256"] != training_sha256(self.spec)
+        ):
+            return False
+        self.skipped = f"data and training settings unchanged since run {last['run_id']}"
+        return True
+
+    def record_skip(self) -> None:
+        assert self.history is not None and self.skipped is not None
+        record = self.run_record("skipped")
+        record["reason"] = self.skipped
+        self.output.write_bytes(RUN_RECORD, json.dumps(record, indent=1, default=str).encode())
+        self.history.append(index_entry(record, None))
+        self.metrics.skipped()
+        log.info("run_skipped", reason=self.skipped)
+
+    def _published_adapter(self) -> Path | None:
+        assert self.history is not None
+        pointer, _ = self.history.published()
+        if pointer is None:
+            return None
+        local = self.work_dir / "published"
+        if local.exists():
+            shutil.rmtree(local)
+        store = self.history.run_storage(pointer["run_id"]).child(ADAPTER_DIR)
+        return download_prefix(store, local)
+
+    def _warm_start(self, peft_model: Any) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        adapter = self._published_adapter() if self.history else None
+        if adapter is None:
+            log.info("warm_start_skipped", reason="nothing published yet")
+            return
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        lora = self.spec.lora
+        wanted = lora.target_modules if isinstance(lora.target_modules, list) else None
+        if config.get("r") != lora.r or (
+            wanted is not None and sorted(config.get("target_modules") or []) != sorted(wanted)
+        ):
+            log.warning("warm_start_skipped", reason="published adapter has another LoRA shape")
+            return
+        set_peft_model_state_dict(peft_model, load_file(adapter / "adapter_model.safetensors"))
+        log.info("warm_started", adapter=str(adapter))
+
+    def _promotion_decision(self, eval_loss: float | None) -> Decision:
+        assert self.history is not None
+        adapter = self._published_adapter()
+        published_loss = None
+        if adapter is not None and self.trainer.eval_dataset is not None:
+            # The published adapter, measured on this run's eval data with the same base.
+            model = self.trainer.model
+            model.load_adapter(str(adapter), adapter_name="published")
+            model.set_adapter("published")
+            try:
+                published_loss = self.trainer.evaluate(metric_key_prefix="published")[
+                    "published_loss"
+                ]
+            finally:
+                model.set_adapter("default")
+                model.delete_adapter("published")
+        decision = decide(
+            eval_loss,
+            published_loss,
+            adapter is not None,
+            self.spec.promotion.max_eval_loss_increase,
+        )
+        self._event("promotion", promoted=decision.promoted, reason=decision.reason)
+        log.info(
+            "promotion_decided",
+            promoted=decision.promoted,
+            reason=decision.reason,
+            eval_loss=eval_loss,
+            published_eval_loss=published_loss,
+        )
+        return decision
 
     # ------------------------------------------------------------------ record
 
@@ -317,6 +440,12 @@ class FineTuneRun:
             "device": {"kind": self.device.kind, "name": self.device.name} if self.device else {},
             "compute_dtype": self.dtype,
             "data": {"fingerprint": self.data_fingerprint, **self.data_report},
+            "training_sha256": training_sha256(self.spec),
+            "promotion": (
+                {"promoted": self.decision.promoted, "reason": self.decision.reason}
+                if self.decision
+                else None
+            ),
             "steps": self.trainer.state.global_step if self.trainer else 0,
             "resumed_from_step": self.resumed_from,
             "losses": {

@@ -375,3 +375,13 @@ class S3Storage:
 
     def child(self, prefix: str) -> S3Storage:
         return S3Storage(f"s3://{self.bucket}/{join(self.prefix, prefix)}/", client=self.client)
+
+
+def download_prefix(storage: Storage, local_dir: Path) -> Path:
+    """Copy every object under a storage root into a local directory."""
+    objects = storage.list_objects()
+    if not objects:
+        raise FileNotFoundError(f"{storage.uri}: nothing there")
+    for obj in objects:
+        storage.download_file(obj.key, local_dir / obj.key)
+    return local_dir

@@ -1,0 +1,145 @@
+"""Scheduled retraining's memory: per-run outputs, an append-only run index, the
+PUBLISHED pointer and retention.
+
+Layout under ``output.uri`` when ``output.per_run`` is on::
+
+    runs/<run id>/adapter/...           this run's adapter
+    runs/<run id>/run.json              written last, as in the single-run layout
+    index/<start ms>-<run id>.json      one object per finished run, never rewritten
+    PUBLISHED                           the promoted run: moved with a conditional write
+
+Consumers load ``runs/<PUBLISHED.run_id>/adapter/``. A run that is not promoted keeps its
+outputs but leaves PUBLISHED where it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from service.errors import SpotloraError
+from service.manifest.spec import JobSpec
+from service.storage import PreconditionFailed, Storage
+
+log = structlog.get_logger(__name__)
+
+INDEX_PREFIX = "index"
+RUNS_PREFIX = "runs"
+PUBLISHED_KEY = "PUBLISHED"
+# What decides the trained weights; output, metrics and checkpoint settings do not.
+TRAINING_FIELDS = ("model", "quantization", "lora", "data", "training")
+
+
+def training_sha256(spec: JobSpec) -> str:
+    relevant = {name: getattr(spec, name).model_dump(mode="json") for name in TRAINING_FIELDS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+
+
+def decide(
+    eval_loss: float | None,
+    published_eval_loss: float | None,
+    has_published: bool,
+    max_increase: float,
+) -> Decision:
+    """Publish the first run; later ones only if no worse than the published adapter on the
+    same eval data, within the tolerance."""
+    if not has_published:
+        return Decision(True, "first run: nothing published yet")
+    if eval_loss is None or published_eval_loss is None:
+        return Decision(True, "no eval data to compare against: published without a gate")
+    if eval_loss <= published_eval_loss + max_increase:
+        return Decision(
+            True,
+            f"eval loss {eval_loss:.4f} <= published {published_eval_loss:.4f} "
+            f"+ tolerance {max_increase}",
+        )
+    return Decision(
+        False,
+        f"eval loss {eval_loss:.4f} > published {published_eval_loss:.4f} "
+        f"+ tolerance {max_increase}: not promoted",
+    )
+
+
+class RunHistory:
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def run_storage(self, run_id: str) -> Storage:
+        return self.storage.child(f"{RUNS_PREFIX}/{run_id}")
+
+    def entries(self) -> list[dict[str, Any]]:
+        keys = sorted(o.key for o in self.storage.list_objects(f"{INDEX_PREFIX}/"))
+        return [json.loads(self.storage.read_bytes(k)) for k in keys]
+
+    def append(self, entry: dict[str, Any]) -> None:
+        key = f"{INDEX_PREFIX}/{int(entry['started_unix'] * 1000):015d}-{entry['run_id']}.json"
+        try:
+            self.storage.write_bytes(key, json.dumps(entry, indent=1).encode(), if_none_match=True)
+        except PreconditionFailed:
+            log.info("run_index_entry_exists", key=key)  # a restarted pod of the same run
+
+    def last_success(self) -> dict[str, Any] | None:
+        done = [e for e in self.entries() if e["status"] == "succeeded"]
+        return done[-1] if done else None
+
+    def published(self) -> tuple[dict[str, Any] | None, str | None]:
+        info = self.storage.head(PUBLISHED_KEY)
+        if info is None:
+            return None, None
+        return json.loads(self.storage.read_bytes(PUBLISHED_KEY)), info.etag
+
+    def publish(self, pointer: dict[str, Any], expected_tag: str | None) -> None:
+        data = json.dumps(pointer, indent=1).encode()
+        try:
+            if expected_tag is None:
+                self.storage.write_bytes(PUBLISHED_KEY, data, if_none_match=True)
+            else:
+                self.storage.write_bytes(PUBLISHED_KEY, data, if_match=expected_tag)
+        except PreconditionFailed:
+            raise SpotloraError(
+                "PUBLISHED moved while this run was deciding; another run published first. "
+                "This run's outputs are kept under runs/; it is not promoted."
+            ) from None
+
+    def prune(self, keep_runs: int, checkpoints: Storage, protect: set[str]) -> list[str]:
+        """Delete outputs and checkpoints of runs beyond the newest ``keep_runs`` that
+        trained; the published run and ``protect`` are never deleted."""
+        trained = [e["run_id"] for e in self.entries() if e["status"] == "succeeded"]
+        keep = set(trained[-keep_runs:]) | protect
+        doomed = [r for r in dict.fromkeys(trained) if r not in keep]
+        for run_id in doomed:
+            for store in (self.run_storage(run_id), checkpoints.child(run_id)):
+                keys = [o.key for o in store.list_objects()]
+                if keys:
+                    store.delete(keys)
+        if doomed:
+            log.info("runs_pruned", runs=doomed)
+        return doomed
+
+
+def index_entry(record: dict[str, Any], decision: Decision | None) -> dict[str, Any]:
+    """The index's line for a finished run: what a person looks for in the morning."""
+    return {
+        "run_id": record["run_id"],
+        "status": record["status"],
+        "started_unix": record["timings"]["started_unix"],
+        "finished_unix": record.get("finished_unix", time.time()),
+        "data_fingerprint": record["data"].get("fingerprint"),
+        "data_files": record["data"].get("files", []),
+        "training_sha256": record.get("training_sha256"),
+        "steps": record.get("steps"),
+        "losses": record.get("losses", {}),
+        "promoted": decision.promoted if decision else False,
+        "reason": decision.reason if decision else record.get("reason", ""),
+    }
