@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     show = runs_sub.add_parser("show", help="one run's record")
     show.add_argument("uri")
     show.add_argument("run_id")
+    sub.add_parser(
+        "launch",
+        help="run on several processes: spotlora launch [torchrun flags] -- run --manifest FILE",
+    )
     report = sub.add_parser("report", help="write plots for a finished run")
     report.add_argument("uri", help="the run's output URI (local dir or s3://)")
     return parser
@@ -185,6 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if s
     )
     configure_logging(settings.log_format, settings.log_level, secrets)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"]:  # torchrun's own flags follow: no parsing of ours
+        from service.distributed import launch
+
+        try:
+            return launch(argv[1:])
+        except SpotloraError as err:
+            sys.stderr.write(f"spotlora: {err}\n")
+            return err.exit_code
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from service.checkpoint import BackgroundCommitter, CheckpointStore, Fenced
+from service.distributed import barrier, broadcast, init_process_group, ranks_from_env
 from service.errors import ExitCode, ManifestError, Preempted
 from service.manifest import LoadedManifest
 from service.preemption import PreemptionWatcher
@@ -69,6 +70,7 @@ class FineTuneRun:
         self.spec = loaded.job.spec
         self.settings = settings
         self.run_id = settings.run_id or self.job.metadata.name
+        self.ranks = ranks_from_env()
         self.cache_dir = settings.cache_dir
         self.work_dir = self.cache_dir / "runs" / self.run_id
         self.timings = Timings()
@@ -99,7 +101,9 @@ class FineTuneRun:
         from service.metrics import JobMetrics
 
         self.metrics = JobMetrics(
-            self.job.metadata.name, pushgateway_url=self.spec.metrics.pushgateway_url
+            self.job.metadata.name,
+            # One pod, one push: rank 0 speaks for the run.
+            pushgateway_url=self.spec.metrics.pushgateway_url if self.ranks.is_main else None,
         )
 
     def _event(self, kind: str, **fields: Any) -> None:
@@ -112,7 +116,9 @@ class FineTuneRun:
 
         if self.spec.metrics.port is not None:
             try:
-                self.metrics.serve(self.spec.metrics.port)
+                # Local rank k serves on port + k: each GPU's throughput is its own.
+                port = self.spec.metrics.port
+                self.metrics.serve(port + self.ranks.local_rank if port else port)
             except OSError as err:  # metrics are on the side: never a reason not to train
                 log.warning(
                     "metrics_server_unavailable", port=self.spec.metrics.port, error=str(err)
@@ -159,10 +165,14 @@ class FineTuneRun:
     def setup(self) -> None:
         from service import data, model
 
+        init_process_group(self.ranks)
         # 1. Claim the run before any expensive work, so an older pod still running
         #    is fenced off from the checkpoint pointer from here on.
-        found = self.checkpoints.claim()
-        log.info("run_claimed", run_id=self.run_id, checkpoint_step=found.step if found else None)
+        if self.ranks.is_main:
+            found = self.checkpoints.claim()
+            log.info(
+                "run_claimed", run_id=self.run_id, checkpoint_step=found.step if found else None
+            )
         # 2. Device and dtype: a bf16 request on a T4 fails here, before any weight loads.
         self.device = model.detect_device()
         self.dtype = model.resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
@@ -204,9 +214,11 @@ class FineTuneRun:
         # 5. The trainer, with the checkpoint/preemption callback.
         from service.trainer import SafePointCallback, build_trainer
 
-        if self.work_dir.exists():
-            shutil.rmtree(self.work_dir)
-        self.work_dir.mkdir(parents=True)
+        if self.ranks.is_local_main:  # the ranks of one node share its cache
+            if self.work_dir.exists():
+                shutil.rmtree(self.work_dir)
+            self.work_dir.mkdir(parents=True)
+        barrier()
         self.safepoint = SafePointCallback(
             self.spec,
             self.committer,
@@ -243,7 +255,10 @@ class FineTuneRun:
         local = self.work_dir / "resume"
         explicit = self.spec.checkpoint.resume_from
         store = CheckpointStore(open_storage(explicit)) if explicit else self.checkpoints
-        committed = store.fetch_latest(local)
+        # One download per node; every rank then reads the same files.
+        committed = store.fetch_latest(local) if self.ranks.is_local_main else None
+        committed = broadcast(committed)  # type: ignore[assignment]
+        barrier()
         if committed is None:
             if explicit:
                 raise ManifestError(
@@ -290,6 +305,8 @@ class FineTuneRun:
 
     def save(self) -> None:
         """Adapter first, then run.json: a reader that finds run.json finds it all."""
+        if not self.ranks.is_main:
+            return  # rank 0 writes for the run
         staging = self.work_dir / ADAPTER_DIR
         self.trainer.model.save_pretrained(staging)
         self.trainer.processing_class.save_pretrained(staging)
@@ -354,6 +371,8 @@ class FineTuneRun:
 
     def record_skip(self) -> None:
         assert self.history is not None and self.skipped is not None
+        if not self.ranks.is_main:
+            return
         record = self.run_record("skipped")
         record["reason"] = self.skipped
         self.output.write_bytes(RUN_RECORD, json.dumps(record, indent=1, default=str).encode())
@@ -438,6 +457,7 @@ class FineTuneRun:
             "manifest_origin": self.loaded.origin,
             "versions": library_versions(),
             "device": {"kind": self.device.kind, "name": self.device.name} if self.device else {},
+            "world_size": self.ranks.world_size,
             "compute_dtype": self.dtype,
             "data": {"fingerprint": self.data_fingerprint, **self.data_report},
             "training_sha256": training_sha256(self.spec),
@@ -461,9 +481,11 @@ class FineTuneRun:
 
 
 def execute(loaded: LoadedManifest, settings: RuntimeSettings) -> ExitCode:
+    ranks = ranks_from_env()
     structlog.contextvars.bind_contextvars(
         job=loaded.job.metadata.name,
         run_id=settings.run_id or loaded.job.metadata.name,
         pod=settings.pod_name,
+        **({"rank": ranks.rank} if ranks.distributed else {}),
     )
     return FineTuneRun(loaded, settings).run()

@@ -92,7 +92,15 @@ def attempt(
 
         done = run_job(args, env, interrupt=on_save)
     elif action == "sigkill_at_time":
-        done = run_job(args, env, kill_after_seconds=rng.uniform(*kill_window))
+        # From a random step's log, a random part of a step later: anywhere in a step,
+        # in the forward, the backward, the optimizer or a checkpoint write.
+        kill_from = at_step(rng.randint(1, max(steps - 1, 1)), signal.SIGKILL)
+        delay = rng.uniform(0, kill_window[1] - kill_window[0]) / steps
+
+        def later(event: dict[str, Any]) -> tuple[int, float] | None:
+            return None if kill_from(event) is None else (signal.SIGKILL, delay)
+
+        done = run_job(args, env, interrupt=later)
     else:
         done = run_job(args, env)
     if not done.signals_sent:

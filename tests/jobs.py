@@ -94,11 +94,11 @@ def run_job(
     env: dict[str, str],
     *,
     timeout_seconds: float = 600,
-    interrupt: Callable[[dict[str, Any]], int | None] | None = None,
+    interrupt: Callable[[dict[str, Any]], int | tuple[int, float] | None] | None = None,
     kill_after_seconds: float | None = None,
 ) -> Finished:
     """Run ``entrypoint.py ARGS``; ``interrupt`` sees each log event and may return a signal
-    number to send to the process at that moment."""
+    to send at that moment, or (signal, delay in seconds) to send it later."""
     proc = subprocess.Popen(
         [sys.executable, str(ENTRYPOINT), *args],
         env=env,
@@ -110,16 +110,19 @@ def run_job(
     assert proc.stderr is not None
     lines: list[str] = []
     sent: list[tuple[str, float]] = []
-    timer = None
-    if kill_after_seconds is not None:
+    timers: list[threading.Timer] = []
 
-        def kill() -> None:
+    def send_later(sig: int, delay_seconds: float) -> None:
+        def send() -> None:
             if proc.poll() is None:
-                proc.kill()
-                sent.append(("SIGKILL", time.monotonic()))
+                proc.send_signal(sig)
+                sent.append((signal.Signals(sig).name, time.monotonic()))
 
-        timer = threading.Timer(kill_after_seconds, kill)
-        timer.start()
+        timers.append(threading.Timer(delay_seconds, send))
+        timers[-1].start()
+
+    if kill_after_seconds is not None:
+        send_later(signal.SIGKILL, kill_after_seconds)
     deadline = time.monotonic() + timeout_seconds
     for line in proc.stderr:
         lines.append(line)
@@ -131,12 +134,14 @@ def run_job(
                 event = json.loads(line)
             except ValueError:
                 continue
-            sig = interrupt(event)
-            if sig is not None:
-                proc.send_signal(sig)
-                sent.append((signal.Signals(sig).name, time.monotonic()))
+            decision = interrupt(event)
+            if isinstance(decision, tuple):
+                send_later(*decision)
+            elif decision is not None:
+                proc.send_signal(decision)
+                sent.append((signal.Signals(decision).name, time.monotonic()))
     code = proc.wait(timeout=timeout_seconds)
-    if timer is not None:
+    for timer in timers:
         timer.cancel()
     stderr = "".join(lines)
     return Finished(code, parse_events(stderr), stderr, sent)

@@ -1,0 +1,145 @@
+"""Several processes, one run: rank identity, agreement between ranks, and the launcher's
+exit code.
+
+Processes come from torchrun (``spotlora launch`` wraps it only to keep the service's exit
+codes: torchrun reports any worker failure as its own exit 1, which would hide "preempted,
+resume me" from the Kubernetes Job). Within a run every rank trains; only rank 0 writes to
+storage; all ranks stop at the same step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from service.errors import ExitCode
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def ranks_from_env() -> Ranks:
+    """torchrun's variables; a plain process is rank 0 of 1."""
+    return Ranks(
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+def init_process_group(ranks: Ranks) -> None:
+    """Join the ranks early, so they can agree before the trainer exists; accelerate then
+    reuses this group."""
+    if not ranks.distributed or _initialized():
+        return
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ranks.local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", ranks.local_rank))
+    else:
+        dist.init_process_group("gloo")
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any: a stop request seen by one rank (its
+    signal, its spot notice) stops all of them at the same step."""
+    if not _initialized():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    if _initialized():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast(value: object) -> object:
+    """Rank 0's value, on every rank."""
+    if not _initialized():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def launcher_exit_code(worker_codes: Sequence[int]) -> ExitCode:
+    """One exit code for the pod from its workers': the most specific non-zero wins, and a
+    preemption (75) only when no rank failed for another reason."""
+    failed = [c for c in worker_codes if c != 0]
+    if not failed:
+        return ExitCode.OK
+    for code in (ExitCode.INVALID_INPUT, ExitCode.DATA_UNUSABLE, ExitCode.DEPENDENCY_UNREACHABLE):
+        if code in failed:
+            return code
+    if all(c == ExitCode.PREEMPTED for c in failed):
+        return ExitCode.PREEMPTED
+    return ExitCode.UNEXPECTED
+
+
+def launch(argv: Sequence[str]) -> ExitCode:
+    """``spotlora launch [torchrun flags] -- run --manifest ...``: torchrun, with the
+    service's exit codes. A SIGTERM to the launcher is forwarded by torchrun to every worker,
+    which commit one checkpoint and exit; the launcher then exits 75 (resuming from the last
+    committed checkpoint is right whether or not the final commit made it in time)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    argv = list(argv)
+    if "--" not in argv:
+        from service.errors import ManifestError
+
+        raise ManifestError("usage: spotlora launch [torchrun flags] -- run --manifest FILE")
+    split = argv.index("--")
+    args = get_args_parser().parse_args([*argv[:split], "-m", "service", *argv[split + 1 :]])
+    try:
+        torchrun(args)
+    except ChildFailedError as err:
+        codes = [f.exitcode for f in err.failures.values()]
+        code = launcher_exit_code(codes)
+        log.warning("workers_failed", exit_codes=codes, exit_code=int(code))
+        return code
+    except SignalException as err:
+        log.warning("launcher_signalled", signal=str(err.sigval))
+        return ExitCode.PREEMPTED
+    return ExitCode.OK
