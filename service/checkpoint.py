@@ -16,6 +16,7 @@ move the pointer back (fencing): its write fails with 412 and it stops.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import shutil
 import threading
@@ -232,9 +233,11 @@ class BackgroundCommitter:
 
     def submit(self, local_dir: Path, step: int, *, remove_after: bool = True) -> None:
         self.wait(raise_errors=False)
+        # The upload logs with the run's bound identity (job, run id, rank).
+        context = contextvars.copy_context()
         self._thread = threading.Thread(
-            target=self._run,
-            args=(local_dir, step, remove_after),
+            target=context.run,
+            args=(self._run, local_dir, step, remove_after),
             name="checkpoint-commit",
             daemon=True,
         )
