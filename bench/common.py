@@ -133,7 +133,8 @@ def ensure_model_dir(preset: str, path: Path) -> dict[str, float]:
     start = time.monotonic()
     torch.manual_seed(SEED)
     with torch.device("cuda"):
-        model = MistralForCausalLM(model_config(preset)).to(torch.bfloat16)
+        model: Any = MistralForCausalLM(model_config(preset))
+        model = model.to(torch.bfloat16)
     torch.cuda.synchronize()
     built = time.monotonic() - start
     tmp = path.with_name(path.name + ".partial")

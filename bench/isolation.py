@@ -21,7 +21,8 @@ def check(dtype_name: str) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        model = MistralForCausalLM(model_config("small")).to(dtype).eval()
+        model: Any = MistralForCausalLM(model_config("small"))
+        model = model.to(dtype).eval()
     model.config._attn_implementation = "sdpa"
     lengths = [[37, 100, 12], [64, 9]]  # two packed rows, the second one padded
     seqs = [[torch.randint(3, 32000, (n,)).tolist() for n in row] for row in lengths]

@@ -35,7 +35,7 @@ def make_meter(counter: TokenCounter) -> Any:
     import torch
     from transformers import TrainerCallback
 
-    class Meter(TrainerCallback):  # type: ignore[misc]
+    class Meter(TrainerCallback):
         def __init__(self) -> None:
             self.marks: list[tuple[float, int]] = []
 
@@ -95,7 +95,7 @@ def seed_trainer(model_dir: Path, dtype: str, steps: int, packing: bool) -> tupl
 
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     start = time.monotonic()
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True,
@@ -146,7 +146,8 @@ def seed_trainer(model_dir: Path, dtype: str, steps: int, packing: bool) -> tupl
     if dtype == "fp16":
         # trl casts the LoRA weights of a quantized model to bf16; fp16's GradScaler then
         # fails at the first optimizer step. The smallest fix that lets the seed run at all.
-        for param in trainer.model.parameters():
+        trained: Any = trainer.model
+        for param in trained.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
     return trainer, load_seconds
