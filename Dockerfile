@@ -29,7 +29,7 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # --------------------------------------------------------------------- build
-FROM ${BASE_IMAGE} AS build
+FROM ${BASE_IMAGE} AS deps
 
 # CUDA 12.6 wheels by default; empty TORCH_INDEX_URL = PyPI / docker/wheels only.
 ARG TORCH_SPEC=torch==2.13.0
@@ -66,32 +66,25 @@ RUN python3.11 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.
         | grep -v '^torch' > /tmp/requirements.txt \
     && /opt/venv/bin/pip install -r /tmp/requirements.txt
 
+# The package alone, under /pkg, so the runtime stage adds it as a layer of a few
+# hundred KB on top of the unchanged multi-GB venv layer: a code change pushes
+# and pulls kilobytes, not the CUDA libraries again.
+FROM deps AS build
 COPY service/ service/
 COPY entrypoint.py ./
-RUN /opt/venv/bin/pip install --no-deps . \
-    && /opt/venv/bin/pip uninstall --yes pip \
+RUN /opt/venv/bin/pip install --no-deps --no-compile --no-warn-script-location --root /pkg . \
+    && /opt/venv/bin/python -m compileall -q -s /pkg /pkg/opt/venv/lib \
+    && cp -a /pkg/. / \
     && /opt/venv/bin/spotlora --help > /dev/null
+
+# The venv without pip: nothing installs packages at run time.
+FROM deps AS venv
+RUN /opt/venv/bin/pip uninstall --yes pip
 
 # ------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
 
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG CREATED=unknown
-ARG BASE_IMAGE
-ARG TORCH_SPEC=torch==2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG NVIDIA_REQUIRE_CUDA="cuda>=12.0"
-
-LABEL org.opencontainers.image.title="spotlora" \
-      org.opencontainers.image.description="QLoRA fine-tuning as a preemption-safe batch job for spot NVIDIA T4 GPUs" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/spotlora/spotlora" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}" \
-      dev.spotlora.torch="${TORCH_SPEC} ${TORCH_INDEX_URL}"
 
 # uid/gid 10001 as the pod's securityContext expects; a passwd entry so
 # getpass/pwd lookups (torch, triton caches) work; home is the /tmp mount.
@@ -101,7 +94,8 @@ RUN groupadd --system --gid 10001 spotlora \
     && mkdir -p /var/cache/spotlora /opt/spotlora \
     && chown 10001:10001 /var/cache/spotlora
 
-COPY --from=build /opt/venv /opt/venv
+COPY --from=venv /opt/venv /opt/venv
+COPY --from=build /pkg/ /
 COPY --from=build /src/entrypoint.py /opt/spotlora/entrypoint.py
 
 # The root filesystem is read-only in the pod; only /tmp and the cache are
@@ -129,3 +123,22 @@ EXPOSE 9090
 
 ENTRYPOINT ["spotlora"]
 CMD ["--help"]
+
+# Last, so a new revision or build time changes only the image config, not a layer.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+ARG SOURCE=https://github.com/spotlora/spotlora
+ARG BASE_IMAGE
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+
+LABEL org.opencontainers.image.title="spotlora" \
+      org.opencontainers.image.description="QLoRA fine-tuning as a preemption-safe batch job for spot NVIDIA T4 GPUs" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}" \
+      dev.spotlora.torch="${TORCH_SPEC} ${TORCH_INDEX_URL}"
