@@ -25,6 +25,8 @@
 # are no orphans to reap (tests/container checks the process list), and a signal
 # forwarder would add nothing to a process that handles its own signals.
 # Kubernetes has no --init anyway; with `docker run` you may still add --init.
+# Multi-GPU (`spotlora launch`, the eks-t4-multi* overlays): PID 1 is then
+# torchrun's agent, which forwards SIGTERM to its workers and waits for them.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
