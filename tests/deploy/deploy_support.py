@@ -23,8 +23,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 TERRAFORM = REPO / "terraform"
+# Data-parallel overlays (torchrun through `spotlora launch`): their pods break the one-GPU,
+# one-pod contract of the generic checks (several GPUs, `launch` args, peer-to-peer traffic),
+# so tests/deploy/test_scaleout.py checks them, reusing every generic check that still holds.
+SCALEOUT_OVERLAYS = ["eks-t4-multigpu", "eks-t4-multinode"]
 OVERLAYS = sorted(
-    p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file()
+    p.name
+    for p in (K8S / "overlays").iterdir()
+    if (p / "kustomization.yaml").is_file() and p.name not in SCALEOUT_OVERLAYS
 )
 GPU_OVERLAYS = [name for name in OVERLAYS if name != "cpu-quickstart"]
 # Every kustomization that renders on its own; base is not deployable (untagged image).
