@@ -174,6 +174,9 @@ def dispatch(args: argparse.Namespace) -> ExitCode:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from service.preemption import catch_early_signals
+
+    catch_early_signals()
     from service.logging import configure_logging
     from service.settings import RuntimeSettings
 

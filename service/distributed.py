@@ -69,18 +69,19 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on any: a stop request seen by one rank (its
-    signal, its spot notice) stops all of them at the same step."""
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag true on every rank when it is true on any: a stop request seen by one rank
+    (its signal, its spot notice) or a checkpoint falling due on one rank's clock applies to
+    all of them at the same step. One small all-reduce for all the flags."""
     if not _initialized():
-        return flag
+        return flags
     import torch
     import torch.distributed as dist
 
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    value = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return tuple(bool(v) for v in value.tolist())
 
 
 def barrier() -> None:

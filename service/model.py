@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from service.distributed import ranks_from_env
 from service.errors import DependencyError, ManifestError
 from service.manifest.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
 from service.storage import S3Storage, split_s3_uri
@@ -183,7 +184,8 @@ def load_quantized_model(
         path,
         quantization_config=bnb,
         dtype=compute,
-        device_map={"": 0 if device.kind == "cuda" else "cpu"},
+        # Each rank holds a whole 4-bit copy on its own GPU (data parallel).
+        device_map={"": ranks_from_env().local_rank if device.kind == "cuda" else "cpu"},
         trust_remote_code=spec.trust_remote_code,
         use_safetensors=True,
         attn_implementation="sdpa",

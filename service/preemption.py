@@ -59,6 +59,19 @@ def gce_preempted(base_url: str) -> bool:
         return resp.read().decode().strip().upper() == "TRUE"
 
 
+_early: list[str] = []
+
+
+def catch_early_signals() -> None:
+    """Called first thing in the entrypoint: a SIGTERM that arrives while the libraries
+    import (seconds, as PID 1) is kept and handled once the watcher starts, instead of
+    killing the process with the default action."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: _early.append(signal.Signals(signum).name))
+
+
 class PreemptionWatcher:
     def __init__(self, spec: PreemptionSpec, grace_period_seconds: float) -> None:
         self.spec = spec
@@ -100,6 +113,8 @@ class PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        while _early:
+            self.request(_early.pop(0))
         if self.spec.spot_notice != "none" or self.spec.max_runtime_seconds:
             self._thread = threading.Thread(target=self._poll, name="preemption-poll", daemon=True)
             self._thread.start()

@@ -139,6 +139,9 @@ class FineTuneRun:
                         self.train()
                         self.metrics.set_phase(Phase.EXPORTING)
                         self.save()
+                    # No rank leaves before rank 0 has published: a finished index of an
+                    # Indexed Job is never rerun, so an early exit could strand a retry.
+                    barrier()
             success = True
             self.metrics.set_phase(Phase.DONE)
             return ExitCode.OK
@@ -224,10 +227,10 @@ class FineTuneRun:
             self.committer,
             self.watcher,
             self.work_dir / "trainer",
+            on_checkpoint_saved=self.metrics.checkpoint_saved,
+            ranks=self.ranks,
         )
-        self.committer.on_commit.append(
-            lambda c, seconds, size: self._event("checkpoint", step=c.step, upload_seconds=seconds)
-        )
+        self.committer.on_commit.append(self._on_commit)
         self.trainer = build_trainer(
             self.spec,
             peft_model,

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from service.checkpoint import BackgroundCommitter
+from service.distributed import Ranks, any_rank, barrier, ranks_from_env
 from service.errors import DataError
 from service.manifest.spec import JobSpec
 from service.preemption import PreemptionWatcher
@@ -223,7 +224,13 @@ def capture_rng_state() -> dict[str, Any]:
         "cpu": torch.random.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.random.get_rng_state()
+        # As Trainer saves it: all devices' states when distributed.
+        distributed = ranks_from_env().distributed
+        state["cuda"] = (
+            torch.cuda.random.get_rng_state_all()
+            if distributed
+            else torch.cuda.random.get_rng_state()
+        )
     return state
 
 
@@ -245,7 +252,9 @@ class SafePointCallback(TrainerCallback):
         watcher: PreemptionWatcher,
         work_dir: Path,
         on_checkpoint_saved: Any = None,
+        ranks: Ranks | None = None,
     ) -> None:
+        self.ranks = ranks or Ranks()
         self.every_steps = spec.checkpoint.every_steps
         self.every_seconds = spec.checkpoint.every_seconds
         self.committer = committer
@@ -286,11 +295,12 @@ class SafePointCallback(TrainerCallback):
     ) -> None:
         self._tick()
         self._micro_in_step += 1
-        if not self.watcher.requested.is_set():
-            return
         remaining = args.gradient_accumulation_steps - self._micro_in_step
         expected = remaining * self._micro_seconds
-        if expected > self.watcher.seconds_left() * FINISH_STEP_BUDGET_SHARE:
+        requested = self.watcher.requested.is_set()
+        too_long = requested and expected > self.watcher.seconds_left() * FINISH_STEP_BUDGET_SHARE
+        requested, too_long = any_rank(requested, too_long)
+        if requested and too_long:
             log.warning(
                 "preemption_stop_mid_step",
                 step=state.global_step,
@@ -306,16 +316,17 @@ class SafePointCallback(TrainerCallback):
         self._tick()
         self.step_rng = capture_rng_state()
         step = state.global_step
-        if self.watcher.requested.is_set():
+        time_due = bool(
+            self.every_seconds and time.monotonic() - self._last_save_time >= self.every_seconds
+        )
+        requested, time_due = any_rank(self.watcher.requested.is_set(), time_due)
+        if requested:
             self.stop = StopState(preempted=True)
             control.should_training_stop = True
             if step != self._last_saved_step:
                 control.should_save = True
         elif step != self._last_saved_step and (
-            (self.every_steps and step % self.every_steps == 0)
-            or (
-                self.every_seconds and time.monotonic() - self._last_save_time >= self.every_seconds
-            )
+            (self.every_steps and step % self.every_steps == 0) or time_due
         ):
             control.should_save = True
         if control.should_save:
@@ -328,7 +339,14 @@ class SafePointCallback(TrainerCallback):
         self.submit(folder, state.global_step)
 
     def submit(self, folder: Path, step: int) -> None:
-        """Move the snapshot out of Trainer's way (a rename) and hand it to the committer."""
+        """Move the snapshot out of Trainer's way (a rename) and hand it to the committer.
+        Every rank has written its part (its RNG state) once all pass the barrier; rank 0
+        alone commits."""
+        barrier()
+        if not self.ranks.is_main:
+            self._last_saved_step = step
+            self._last_save_time = time.monotonic()
+            return
         staged = self.work_dir / f"staged-{step:08d}-{next(self._staging)}"
         os.replace(folder, staged)
         blocking = time.monotonic() - (self._save_requested_at or time.monotonic())
@@ -353,5 +371,11 @@ def save_previous_step(trainer: Any, callback: SafePointCallback) -> None:
     trainer._save_checkpoint(trainer.model, None)
     folder = Path(str(trainer.args.output_dir)) / f"checkpoint-{step}"
     if callback.step_rng is not None:
-        torch.save(callback.step_rng, folder / RNG_STATE_FILE)
+        # Trainer's names: one file per process when distributed.
+        name = (
+            f"rng_state_{callback.ranks.rank}.pth"
+            if callback.ranks.distributed
+            else (RNG_STATE_FILE)
+        )
+        torch.save(callback.step_rng, folder / name)
     callback.submit(folder, step)

@@ -96,6 +96,7 @@ def run_job(
     timeout_seconds: float = 600,
     interrupt: Callable[[dict[str, Any]], int | tuple[int, float] | None] | None = None,
     kill_after_seconds: float | None = None,
+    signal_after: tuple[int, float] | None = None,
 ) -> Finished:
     """Run ``entrypoint.py ARGS``; ``interrupt`` sees each log event and may return a signal
     to send at that moment, or (signal, delay in seconds) to send it later."""
@@ -123,6 +124,8 @@ def run_job(
 
     if kill_after_seconds is not None:
         send_later(signal.SIGKILL, kill_after_seconds)
+    if signal_after is not None:
+        send_later(*signal_after)
     deadline = time.monotonic() + timeout_seconds
     for line in proc.stderr:
         lines.append(line)

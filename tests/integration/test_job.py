@@ -135,3 +135,26 @@ def test_unreachable_storage_exits_69(tiny_model: Path, tiny_data: Path, tmp_pat
     assert done.code == 69, done.stderr[-2000:]
     assert "failed after 2 attempts" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sigterm_during_startup_is_not_lost(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """As PID 1 a SIGTERM while libraries still import must not kill the process outright:
+    it is kept and handled as a preemption once the run starts."""
+    import signal
+
+    path = write_manifest(
+        tmp_path / "job.yaml",
+        manifest("early", str(tiny_model), str(tiny_data), str(tmp_path / "out")),
+    )
+    # 0.5 s: the interpreter is up and importing, long before the run starts.
+    done = run_job(
+        ["run", "--manifest", str(path)],
+        job_env(tmp_path / "cache"),
+        signal_after=(signal.SIGTERM, 0.5),
+    )
+    assert done.signals_sent  # without the early handler: killed, exit -15
+    assert done.code == 75, done.stderr[-3000:]
+    assert done.named("preemption_requested")[0]["reason"] == "SIGTERM"
+    assert not (tmp_path / "out" / "run.json").exists()
