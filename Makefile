@@ -13,7 +13,8 @@ TOOLS_VENV := .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 CHECKOV_SPEC ?= checkov==3.3.30
 # Servers and tools the integration tests run for real (Debian packages).
-DEBIAN_PACKAGES := prometheus prometheus-pushgateway shellcheck
+# Docker and debootstrap build and run the container image in the tests.
+DEBIAN_PACKAGES := prometheus prometheus-pushgateway docker.io debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: quickstart test lint unit system-deps clean
@@ -50,6 +51,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) $(TOOLS_STAMP) system-deps lint
+	$(SUDO) docker/ensure-dockerd.sh
 	CI=$${CI:-true} $(VENV)/bin/pytest
 
 clean:
