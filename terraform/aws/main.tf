@@ -47,6 +47,19 @@ module "t4_spot" {
   max_size       = var.gpu_max_nodes
 }
 
+# 4 x T4 nodes for the eks-t4-multigpu overlay; none unless asked for.
+module "t4x4_spot" {
+  source = "./modules/gpu-node-group"
+  count  = var.multigpu_max_nodes > 0 ? 1 : 0
+
+  name           = "t4x4-spot"
+  cluster_name   = local.cluster_name
+  subnet_ids     = local.node_subnets
+  instance_types = ["g4dn.12xlarge"]
+  gpus_per_node  = 4
+  max_size       = var.multigpu_max_nodes
+}
+
 module "bucket" {
   source = "./modules/artifact-bucket"
 

@@ -51,6 +51,17 @@ variable "gpu_max_nodes" {
   default     = 4
 }
 
+variable "multigpu_max_nodes" {
+  description = "Most g4dn.12xlarge (4 x T4) spot nodes at once, for data-parallel jobs (k8s/overlays/eks-t4-multigpu). 0 creates no such node group."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.multigpu_max_nodes >= 0
+    error_message = "multigpu_max_nodes must be 0 or more."
+  }
+}
+
 variable "bucket_name" {
   description = "Globally unique name of the artifact bucket (s3://<bucket_name>/ in job files)."
   type        = string

@@ -408,3 +408,25 @@ def test_checkov_kubernetes(tmp_path: Path) -> None:
         (tmp_path / f"{name}.yaml").write_text(rendered_text(name))
     reports = test_checkov.run_checkov("--framework", "kubernetes", "-d", str(tmp_path))
     assert test_checkov.passed(reports) > 50, "checkov ran too few checks"
+
+
+def test_terraform_has_a_node_group_for_the_multigpu_overlay() -> None:
+    """The overlay's instance type exists as a node group that tells the autoscaler it has
+    as many GPUs as the pod asks for, so a 4-GPU pod can scale a node up from zero."""
+    from deploy_support import TERRAFORM, parse_tf
+
+    docs = rendered(MULTIGPU)
+    instance_type = pod_spec(docs)["nodeSelector"]["node.kubernetes.io/instance-type"]
+    gpus = int(trainer(docs)["resources"]["limits"]["nvidia.com/gpu"])
+    modules = parse_tf(TERRAFORM / "aws" / "main.tf")["module"]
+    groups = [
+        body
+        for block in modules
+        for body in block.values()
+        if str(body.get("source", "")).endswith("modules/gpu-node-group")
+        and instance_type in body.get("instance_types", [])
+    ]
+    assert groups, f"no gpu-node-group module offers {instance_type}"
+    assert int(groups[0]["gpus_per_node"]) == gpus
+    main_tf = (TERRAFORM / "aws" / "modules" / "gpu-node-group" / "main.tf").read_text()
+    assert 'nvidia.com/gpu"      = tostring(var.gpus_per_node)' in main_tf

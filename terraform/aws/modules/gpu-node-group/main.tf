@@ -23,7 +23,7 @@ locals {
     {
       "k8s.io/cluster-autoscaler/enabled"                                     = "true"
       "k8s.io/cluster-autoscaler/${var.cluster_name}"                         = "owned"
-      "k8s.io/cluster-autoscaler/node-template/resources/nvidia.com/gpu"      = "1"
+      "k8s.io/cluster-autoscaler/node-template/resources/nvidia.com/gpu"      = tostring(var.gpus_per_node)
       "k8s.io/cluster-autoscaler/node-template/resources/ephemeral-storage"   = "${var.disk_size_gib}G"
       "k8s.io/cluster-autoscaler/node-template/taint/${local.node_taint.key}" = "${local.node_taint.value}:NoSchedule"
     },

@@ -26,13 +26,24 @@ variable "subnet_ids" {
 }
 
 variable "instance_types" {
-  description = "Spot instance types, each with one NVIDIA T4. Several types widen the spot pools; all must fit the Job's requests (3 vCPU, 12 GiB)."
+  description = "Spot instance types, each with gpus_per_node NVIDIA T4s. Several types widen the spot pools; all must fit the Job's requests (3 vCPU, 12 GiB per GPU)."
   type        = list(string)
   default     = ["g4dn.xlarge", "g4dn.2xlarge"]
 
   validation {
-    condition     = length(var.instance_types) > 0 && alltrue([for t in var.instance_types : startswith(t, "g4dn.") && t != "g4dn.12xlarge" && t != "g4dn.metal"])
-    error_message = "instance_types must be single-T4 g4dn types (g4dn.xlarge to g4dn.16xlarge)."
+    condition     = length(var.instance_types) > 0 && alltrue([for t in var.instance_types : startswith(t, "g4dn.")])
+    error_message = "instance_types must be g4dn types (NVIDIA T4)."
+  }
+}
+
+variable "gpus_per_node" {
+  description = "T4s on each instance type: 1 for g4dn.xlarge to g4dn.16xlarge, 4 for g4dn.12xlarge (the multi-GPU overlay), 8 for g4dn.metal. Tells the cluster autoscaler what a node from zero offers."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = contains([1, 4, 8], var.gpus_per_node)
+    error_message = "gpus_per_node must be 1, 4 or 8 (the g4dn sizes)."
   }
 }
 
