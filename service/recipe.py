@@ -343,6 +343,7 @@ class FineTuneRun:
             )
         except PreconditionFailed:
             raise Fenced("another process published this run's outputs first") from None
+        self._write_report(record)
         if self.history is not None:
             self.history.append(index_entry(record, self.decision))
             if self.spec.promotion.keep_runs:
@@ -356,6 +357,16 @@ class FineTuneRun:
             steps=record["steps"],
             final_train_loss=record["losses"]["final_train"],
         )
+
+    def _write_report(self, record: dict[str, Any]) -> None:
+        """Plots next to run.json. A convenience: a failure here never fails the run."""
+        try:
+            from service.report import write_report
+
+            for path in write_report(record, self.work_dir / "report"):
+                self.output.upload_file(path, path.name)
+        except Exception as err:
+            log.warning("report_not_written", error=f"{type(err).__name__}: {err}")
 
     # ------------------------------------------------------------------ retraining
 

@@ -161,7 +161,9 @@ class DataSpec(Strict):
         return self.completion_only_loss
 
 
-Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_32bit"]
+# Only optimizers whose state restores exactly on resume: bitsandbytes' paged and 8-bit
+# optimizers have crashed on resume (bitsandbytes#782, #1381), and resuming is the product.
+Optimizer = Literal["adamw_torch", "adamw_torch_fused"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
 

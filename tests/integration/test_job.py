@@ -25,6 +25,9 @@ def test_job_writes_adapter_then_run_record(
         assert (out / "adapter" / name).is_file(), name
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "succeeded"
+    # The report is drawn at the end, next to run.json.
+    assert (out / "report.png").stat().st_size > 10_000
+    assert "<img" in (out / "report.html").read_text()
     assert record["steps"] == 6
     assert record["data"]["rows_read"] == 48 and record["data"]["eval_rows"] >= 1
     assert record["losses"]["final_eval"] is not None

@@ -31,10 +31,12 @@ def test_everything_from_and_to_s3(
         checkpoint={"every_steps": 3},
     )
     open_storage(f"{base}/").write_bytes("manifests/job.yaml", yaml.safe_dump(doc).encode())
+    hf_token = "hf_" + "q" * 34  # shaped like a real Hub token
     env = job_env(
         tmp_path / "cache",
         SPOTLORA_MANIFEST_URI=f"{base}/manifests/job.yaml",
         SPOTLORA_RUN_ID="job-uid-1234",
+        HF_TOKEN=hf_token,
     )
     done = run_job(["run"], env)
     assert done.code == 0, done.stderr[-3000:]
@@ -43,6 +45,11 @@ def test_everything_from_and_to_s3(
     keys = {o.key for o in out.list_objects()}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "run.json"} <= keys
     record = json.loads(out.read_bytes("run.json"))
+    # Secrets given through the environment appear in neither the logs nor the record.
+    secrets = [hf_token, env["AWS_SECRET_ACCESS_KEY"]]
+    for secret in secrets:
+        assert secret not in done.stderr
+        assert secret not in out.read_bytes("run.json").decode()
     assert record["run_id"] == "job-uid-1234"
     assert record["manifest_origin"] == f"{base}/manifests/job.yaml"
     assert record["data"]["files"][0]["uri"] == f"{base}/data/train.jsonl"

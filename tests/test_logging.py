@@ -1,0 +1,42 @@
+"""Secrets never reach a log line, whatever the key or the library that logs them."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import structlog
+
+from service.logging import REDACTED, Redactor, configure_logging
+
+
+def test_redactor_by_key_value_shape_and_known_value() -> None:
+    redact = Redactor(secrets=("s3cr3t-value-123",))
+    event = {
+        "event": "x",
+        "aws_secret_access_key": "anything",
+        "nested": {"Authorization": "Bearer abc", "ok": 1},
+        "message": "token hf_" + "a" * 30 + " and key AKIAABCDEFGHIJKLMNOP",
+        "echo": "the store said s3cr3t-value-123 was wrong",
+    }
+    out = redact(None, "info", event)
+    assert out["aws_secret_access_key"] == REDACTED
+    assert out["nested"] == {"Authorization": REDACTED, "ok": 1}
+    assert "hf_" not in out["message"] and "AKIA" not in out["message"]
+    assert "s3cr3t-value-123" not in out["echo"]
+
+
+def test_library_records_go_through_the_same_chain(capsys) -> None:  # type: ignore[no-untyped-def]
+    configure_logging("json", "INFO", secrets=("hunter2-hunter2",))
+    structlog.contextvars.bind_contextvars(job="j1")
+    try:
+        logging.getLogger("botocore.credentials").warning("found key hunter2-hunter2")
+        structlog.get_logger("spotlora").info("hello", password="pw")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    assert [entry["event"] for entry in lines] == [f"found key {REDACTED}", "hello"]
+    assert all(entry["job"] == "j1" for entry in lines)
+    assert lines[1]["password"] == REDACTED
+    assert "hunter2" not in io.StringIO(str(lines)).getvalue()
