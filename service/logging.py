@@ -19,7 +19,8 @@ from structlog.typing import EventDict, Processor
 
 # Keys whose values are never logged, whatever their content.
 SECRET_KEY_PATTERN = re.compile(
-    r"(token|secret|password|passwd|credential|api_key|access_key|session_key|authorization)",
+    r"(^|[_-])(token|secret|password|passwd|credentials?|api_key|access_key|secret_key"
+    r"|session_key|authorization)$",
     re.IGNORECASE,
 )
 # Values that look like credentials even under an innocent key.

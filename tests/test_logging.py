@@ -19,12 +19,18 @@ def test_redactor_by_key_value_shape_and_known_value() -> None:
         "nested": {"Authorization": "Bearer abc", "ok": 1},
         "message": "token hf_" + "a" * 30 + " and key AKIAABCDEFGHIJKLMNOP",
         "echo": "the store said s3cr3t-value-123 was wrong",
+        "hf_token": "x",
+        "num_tokens": 1234,
+        "mean_token_accuracy": 0.5,
     }
     out = redact(None, "info", event)
     assert out["aws_secret_access_key"] == REDACTED
     assert out["nested"] == {"Authorization": REDACTED, "ok": 1}
     assert "hf_" not in out["message"] and "AKIA" not in out["message"]
     assert "s3cr3t-value-123" not in out["echo"]
+    assert out["hf_token"] == REDACTED
+    # Training figures that merely mention tokens stay readable.
+    assert out["num_tokens"] == 1234 and out["mean_token_accuracy"] == 0.5
 
 
 def test_library_records_go_through_the_same_chain(capsys) -> None:  # type: ignore[no-untyped-def]
