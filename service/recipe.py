@@ -214,6 +214,11 @@ class FineTuneRun:
         if self.spec.promotion.warm_start:
             self._warm_start(peft_model)
         self.timings.mark("model")
+        log.info(
+            "model_loaded",
+            path=str(model_dir),
+            seconds_since_start=self.timings.marks["model_seconds"],
+        )
         # 5. The trainer, with the checkpoint/preemption callback.
         from service.trainer import SafePointCallback, build_trainer
 
