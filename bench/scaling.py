@@ -22,6 +22,7 @@ The model is the random-init Mistral-7B shape of bench/common.py, saved to local
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -139,7 +140,7 @@ def throughput(
         "tokens_per_step": round(tokens_per_step, 1),
         "tokens_per_second": round(tokens_per_step * steps / seconds, 1),
         "trl_num_tokens_per_step": (b.get("num_tokens", 0) - a.get("num_tokens", 0)) / steps,
-        "step_seconds": [round(y["time"] - x["time"], 3) for x, y in zip(logs, logs[1:])],
+        "step_seconds": [round(y["time"] - x["time"], 3) for x, y in itertools.pairwise(logs)],
     }
 
 
