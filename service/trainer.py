@@ -48,7 +48,7 @@ def build_trainer(
     show_progress_bar: bool,
 ) -> Any:
     import datasets
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from service.model import upcast_trainable_to_fp32
 
@@ -92,7 +92,16 @@ def build_trainer(
         disable_tqdm=not show_progress_bar,
         dataset_num_proc=None,
     )
-    trainer = SFTTrainer(
+    if not on_cpu and args.n_gpu > 1:
+        # One process with several GPUs visible: Trainer would wrap the model in
+        # DataParallel, which trl refuses. Train on this process's GPU and say how to use all.
+        log.warning(
+            "several_gpus_one_process",
+            visible=args.n_gpu,
+            hint="spotlora launch --nproc-per-node N -- run ... trains on all of them",
+        )
+        args._n_gpu = 1
+    trainer = _packed_sft_trainer()(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(train_rows),
@@ -153,6 +162,32 @@ def pack_datasets(trainer: Any, max_length: int) -> None:
         trainer.eval_dataset = pack(trainer.eval_dataset)
 
 
+def _packed_sft_trainer() -> type:
+    from trl import SFTTrainer
+
+    class PackedSFTTrainer(SFTTrainer):
+        """trl counts a micro-batch without an attention mask as one padding-free row
+        (position_ids.size(1) tokens); packed rows come several to a micro-batch, so the
+        collator passes the true count and it replaces trl's in the token total."""
+
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any
+        ) -> Any:
+            real = inputs.pop(REAL_TOKENS_KEY, None)
+            before = self._total_train_tokens
+            out = super().compute_loss(model, inputs, *args, **kwargs)
+            if real is not None and model.training:
+                total = self.accelerator.gather_for_metrics(real.reshape(1)).sum().item()
+                self._total_train_tokens = before + total
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return out
+
+    return PackedSFTTrainer
+
+
+REAL_TOKENS_KEY = "spotlora_real_tokens"
+
+
 class PackedRowsCollator:
     """Batches packed rows without an attention mask, positions restarting at each packed
     row: transformers then derives a block-diagonal causal mask from the positions
@@ -171,6 +206,9 @@ class PackedRowsCollator:
         # A row's first token must not be predicted from the previous row's last one;
         # padding sits at position 0 too, already unlabelled.
         batch["labels"][batch["position_ids"] == 0] = -100
+        import torch
+
+        batch[REAL_TOKENS_KEY] = torch.tensor(sum(len(e["input_ids"]) for e in examples))
         return batch
 
 

@@ -33,6 +33,10 @@ def test_job_writes_adapter_then_run_record(
     assert record["losses"]["final_eval"] is not None
     assert record["versions"]["bitsandbytes"] == "0.50.2"
     assert len([h for h in record["log_history"] if "loss" in h]) == 6
+    # Tokens count every packed row: more than one row per micro-batch fits in max_length,
+    # so the total exceeds micro-batches x max_length (all a row-blind count could reach).
+    tokens = [h["num_tokens"] for h in record["log_history"] if "num_tokens" in h]
+    assert tokens[-1] > 6 * 2 * 96
     # run.json is written last: every file it vouches for is older.
     newest_adapter = max(p.stat().st_mtime_ns for p in (out / "adapter").iterdir())
     assert (out / "run.json").stat().st_mtime_ns >= newest_adapter
