@@ -87,7 +87,11 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
             msg = "required field is missing"
         got = e.get("input")
         suffix = ""
-        if e["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict | list):
+        if (
+            e["type"] not in ("missing", "extra_forbidden")
+            and not isinstance(got, dict | list)
+            and repr(got) not in msg
+        ):
             suffix = f" (got {got!r})"
         lines.append(f"  {where}: {msg}{suffix}")
     return "\n".join(lines)
