@@ -14,7 +14,7 @@ import structlog
 from service.errors import ExitCode, ManifestError, SpotloraError
 
 if TYPE_CHECKING:
-    from service.manifest import LoadedManifest
+    from service.manifest import JobSpec, LoadedManifest
     from service.settings import RuntimeSettings
 
 log = structlog.get_logger("spotlora")
@@ -65,7 +65,15 @@ def _parser() -> argparse.ArgumentParser:
         )
 
     manifest_args(sub.add_parser("run", help="run a fine-tuning job"))
-    manifest_args(sub.add_parser("validate", help="check a manifest; print it resolved"))
+    validate = sub.add_parser("validate", help="check a manifest; print it resolved")
+    manifest_args(validate)
+    validate.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        metavar="GIB",
+        help="also estimate peak GPU memory for a GPU of this size (15 for a T4), reading "
+        "only the model's config.json; prints the micro-batch that 'auto' would pick",
+    )
     sub.add_parser("schema", help="print the manifest's JSON Schema")
     sub.add_parser("example", help="print an example manifest")
     runs = sub.add_parser("runs", help="the history of a scheduled job (output.per_run)")
@@ -138,6 +146,28 @@ def show_runs(args: argparse.Namespace) -> ExitCode:
     return ExitCode.OK
 
 
+def memory_report(spec: JobSpec, gpu_memory_gib: float) -> str:
+    """YAML comments, so the output stays a valid manifest."""
+    from service.model import auto_batch_size, fetch_config, preflight_estimate
+
+    estimate = preflight_estimate(spec, fetch_config(spec.model))
+    limit = int(gpu_memory_gib * 2**30)
+    batch = spec.training.batch_size
+    if batch == "auto":
+        batch = auto_batch_size(estimate, limit)
+        how = f"batch_size auto -> {batch}"
+    else:
+        how = f"batch_size {batch}"
+    peak = estimate.total_bytes(batch) / 2**30
+    verdict = "fits" if peak <= gpu_memory_gib else "does NOT fit"
+    return (
+        f"# memory estimate for a {gpu_memory_gib:g} GiB GPU: {how}, "
+        f"max_length {spec.data.max_length}: peak ~{peak:.2f} GiB ({verdict}); "
+        f"fixed {estimate.fixed_bytes / 2**30:.2f} GiB + "
+        f"{estimate.per_sequence_bytes / 2**30:.3f} GiB per sequence\n"
+    )
+
+
 def dispatch(args: argparse.Namespace) -> ExitCode:
     if args.command == "schema":
         from service.manifest import FineTuneJob
@@ -167,6 +197,8 @@ def dispatch(args: argparse.Namespace) -> ExitCode:
 
         doc = loaded.job.model_dump(mode="json", by_alias=True)
         sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
+        if args.gpu_memory_gib:
+            sys.stdout.write(memory_report(loaded.job.spec, args.gpu_memory_gib))
         return ExitCode.OK
     from service.recipe import execute
 

@@ -265,21 +265,117 @@ class MemoryEstimate:
 def estimate_memory(
     model: Any, *, max_length: int, gradient_checkpointing: bool, weight_bytes: int
 ) -> MemoryEstimate:  # weight_bytes: what the loaded model holds on the device now
-    """Peak GPU memory of a training step, before one runs. With checkpointing a token keeps
-    each layer's input (in the residual stream's dtype, fp32 after k-bit preparation) plus
-    one layer's working set; without it, every layer's working set."""
-    config = model.config.get_text_config()
+    """Peak GPU memory of a training step, from the loaded model, before one runs."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _estimate(
+        model.config.get_text_config(),
+        residual_bytes=model.get_input_embeddings().weight.element_size(),
+        trainable=trainable,
+        weight_bytes=weight_bytes,
+        max_length=max_length,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def _estimate(
+    config: Any,
+    *,
+    residual_bytes: int,
+    trainable: int,
+    weight_bytes: int,
+    max_length: int,
+    gradient_checkpointing: bool,
+) -> MemoryEstimate:
+    """With checkpointing a token keeps each layer's input (in the residual stream's dtype,
+    fp32 after k-bit preparation) plus one layer's working set; without it, every layer's
+    working set."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    residual_bytes = model.get_input_embeddings().weight.element_size()
     layer = LAYER_ACTIVATION_FACTOR * (hidden + intermediate) * 2
     per_token = layers * hidden * residual_bytes + (
         layer if gradient_checkpointing else layers * layer
     )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # weight_bytes holds the (fp32) adapters already; add their gradients and two AdamW moments
     fixed = weight_bytes + 12 * trainable + LM_HEAD_COPIES * config.vocab_size * hidden * 2
     return MemoryEstimate(int(fixed), int(per_token * max_length))
+
+
+# NF4 with double quantization: 4 bits a weight, an 8-bit absmax per block of 64, and an
+# fp32 constant per 256 blocks.
+QUANTIZED_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+QUANTIZED_BYTES_PER_WEIGHT_SINGLE = 0.5 + 4 / 64
+
+
+def fetch_config(spec: ModelSpec, hf_token: str | None = None) -> Any:
+    """The model's config.json alone (a few kB), wherever the model lives."""
+    import tempfile
+
+    from transformers import AutoConfig
+
+    kwargs = {"trust_remote_code": spec.trust_remote_code}
+    if spec.source.startswith("s3://"):
+        bucket, prefix = split_s3_uri(
+            spec.source if spec.source.endswith("/") else spec.source + "/"
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                S3Storage(f"s3://{bucket}/{prefix}").download_file(
+                    "config.json", Path(tmp) / "config.json"
+                )
+            except FileNotFoundError:
+                raise ManifestError(f"spec.model.source: {spec.source}: no config.json") from None
+            return AutoConfig.from_pretrained(tmp, **kwargs)
+    local = Path(spec.source).expanduser()
+    if local.is_dir():
+        _check_model_dir(local, spec.source)
+        return AutoConfig.from_pretrained(local, **kwargs)
+    try:
+        return AutoConfig.from_pretrained(
+            spec.source, revision=spec.revision, token=hf_token, **kwargs
+        )
+    except Exception as err:  # the hub client raises many types; all mean "not reachable"
+        raise DependencyError(
+            f"spec.model.source: {spec.source}: {type(err).__name__}: {err}"
+        ) from None
+
+
+def preflight_estimate(spec: JobSpec, config: Any) -> MemoryEstimate:
+    """The same estimate from the model's config alone, before any weight is fetched: the
+    layers are built on the meta device to count what will be quantized, what stays fp32
+    after k-bit preparation, and what LoRA adds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    targets = spec.lora.target_modules
+    per_weight = (
+        QUANTIZED_BYTES_PER_WEIGHT
+        if spec.quantization.double_quant
+        else QUANTIZED_BYTES_PER_WEIGHT_SINGLE
+    )
+    weight_bytes = 0.0
+    trainable = 0
+    counted: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            weight_bytes += module.weight.numel() * per_weight
+            counted.add(id(module.weight))
+            if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
+                trainable += spec.lora.r * (module.in_features + module.out_features)
+    for param in model.parameters():
+        if id(param) not in counted:
+            weight_bytes += param.numel() * 4  # cast to fp32 by k-bit preparation
+    weight_bytes += trainable * 4
+    return _estimate(
+        config.get_text_config(),
+        residual_bytes=4,
+        trainable=trainable,
+        weight_bytes=int(weight_bytes),
+        max_length=spec.data.max_length,
+        gradient_checkpointing=spec.training.gradient_checkpointing,
+    )
 
 
 def memory_limit_bytes() -> int:
