@@ -1,0 +1,59 @@
+"""On a CUDA GPU, as a T4 runs it: fp16 compute, a preemption, and a resume that continues
+the loss curve. Skipped where there is no GPU; run on the GPU machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.jobs import adapter_tensors, at_step, job_env, manifest, run_job, step_losses
+from tests.jobs import write_manifest as write
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def t4_job(tiny_model: Path, tiny_data: Path, out: Path) -> dict:
+    return manifest(
+        "cuda",
+        str(tiny_model),
+        str(tiny_data),
+        str(out),
+        quantization={"compute_dtype": "fp16"},  # a T4 has no bf16
+        training={"max_steps": 8, "gradient_accumulation": 2, "batch_size": 2},
+    )
+
+
+def test_fp16_preempt_and_resume_continue_the_same_run(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    ref_out, out = tmp_path / "ref", tmp_path / "out"
+    ref = run_job(
+        ["run", "-f", str(write(tmp_path / "ref.yaml", t4_job(tiny_model, tiny_data, ref_out)))],
+        job_env(tmp_path / "cache-ref"),
+    )
+    assert ref.code == 0, ref.stderr[-3000:]
+    device = json.loads((ref_out / "run.json").read_text())
+    assert device["device"]["kind"] == "cuda" and device["compute_dtype"] == "fp16"
+
+    path = write(tmp_path / "job.yaml", t4_job(tiny_model, tiny_data, out))
+    env = job_env(tmp_path / "cache")
+    first = run_job(["run", "-f", str(path)], env, interrupt=at_step(3))
+    assert first.code == 75, first.stderr[-3000:]
+    second = run_job(["run", "-f", str(path)], env)
+    assert second.code == 0, second.stderr[-3000:]
+
+    want = step_losses(json.loads((ref_out / "run.json").read_text()))
+    got = step_losses(json.loads((out / "run.json").read_text()))
+    assert got.keys() == want.keys()
+    for step in want:  # GPU kernels need not be bitwise repeatable; the curve must match
+        assert got[step] == pytest.approx(want[step], rel=2e-3), step
+    a, b = adapter_tensors(out / "adapter"), adapter_tensors(ref_out / "adapter")
+    for name in b:
+        assert a[name].dtype == torch.float32  # adapters stay fp32 under fp16 compute
+        torch.testing.assert_close(a[name], b[name], rtol=2e-2, atol=1e-4)
