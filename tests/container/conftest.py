@@ -9,7 +9,6 @@ with the reason. ``SPOTLORA_TEST_IMAGE=tag`` tests an image built elsewhere inst
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -173,17 +171,6 @@ class Container:
         args = ["run", "--detach", *self.args(out=out, env=env or {}, mounts=mounts or [])]
         docker(*args, self.image, *cmd)
         return self.name
-
-
-def json_events(text: str) -> list[dict[str, Any]]:
-    events = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                continue
-    return events
 
 
 @pytest.fixture(scope="session")
