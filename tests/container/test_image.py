@@ -15,9 +15,9 @@ from tests.container.conftest import (
     UID,
     Container,
     docker,
-    json_events,
     writable_by_pod_user,
 )
+from tests.jobs import parse_events as json_events
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1800)]
 
