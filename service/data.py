@@ -21,7 +21,7 @@ import structlog
 
 from service.errors import DataError
 from service.manifest.spec import DataSpec
-from service.storage import S3Storage, sha256_file, split_s3_uri
+from service.storage import S3Storage, fetch_cached, sha256_file, split_s3_uri
 
 log = structlog.get_logger(__name__)
 
@@ -111,15 +111,12 @@ def _fetch_s3(uri: str, cache_dir: Path) -> list[SourceFile]:
     objects = [o for o in objects if Path(o.key).suffix in SUFFIXES]
     if not objects:
         raise DataError(f"{uri}: no data files found")
-    out = []
-    for obj in sorted(objects, key=lambda o: o.key):
-        local = cache_dir / "data" / bucket / obj.key
-        marker = local.with_name(local.name + ".etag")
-        if not (local.is_file() and marker.is_file() and marker.read_text() == obj.etag):
-            store.download_file(obj.key, local)
-            marker.write_text(obj.etag)
-        out.append(SourceFile(local, f"s3://{bucket}/{obj.key}", obj.etag))
-    return out
+    target = cache_dir / "data" / bucket
+    fetch_cached(store, objects, target)
+    return [
+        SourceFile(target / o.key, f"s3://{bucket}/{o.key}", o.etag)
+        for o in sorted(objects, key=lambda o: o.key)
+    ]
 
 
 # --------------------------------------------------------------------------- reading

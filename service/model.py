@@ -6,9 +6,6 @@ matmuls in the compute dtype, adapters and their optimizer state in fp32.
 
 from __future__ import annotations
 
-import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +15,7 @@ import structlog
 from service.distributed import ranks_from_env
 from service.errors import DependencyError, ManifestError
 from service.manifest.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
-from service.storage import S3Storage, split_s3_uri
+from service.storage import S3Storage, fetch_cached, split_s3_uri
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +24,6 @@ log = structlog.get_logger(__name__)
 
 # Files a causal LM directory needs besides its weights; pickled weights are never fetched.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
-DOWNLOAD_WORKERS = 8
 BF16_MIN_CAPABILITY = (8, 0)
 
 
@@ -102,9 +98,7 @@ def _check_model_dir(path: Path, origin: str) -> None:
 
 
 def _fetch_s3_model(uri: str, cache_root: Path) -> Path:
-    """Parallel download of a model prefix. Each file is kept with the ETag it came with,
-    so an interrupted download resumes with the missing files and a complete cache
-    costs one listing."""
+    """A model prefix, downloaded once into the cache (see storage.fetch_cached)."""
     bucket, prefix = split_s3_uri(uri if uri.endswith("/") else uri + "/")
     store = S3Storage(f"s3://{bucket}/{prefix}")
     objects = [
@@ -114,23 +108,9 @@ def _fetch_s3_model(uri: str, cache_root: Path) -> Path:
         raise ManifestError(f"spec.model.source: {uri}: no model files under this prefix")
     target = cache_root / bucket / prefix.strip("/")
     target.mkdir(parents=True, exist_ok=True)
-    etags_path = target / ".spotlora-etags.json"
-    etags: dict[str, str] = json.loads(etags_path.read_text()) if etags_path.is_file() else {}
-    todo = [
-        o
-        for o in objects
-        if etags.get(o.key) != o.etag
-        or not (target / o.key).is_file()
-        or (target / o.key).stat().st_size != o.size
-    ]
-    if todo:
-        log.info("model_download", uri=uri, files=len(todo), bytes=sum(o.size for o in todo))
-        with ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
-            list(pool.map(lambda o: store.download_file(o.key, target / o.key), todo))
-        etags.update({o.key: o.etag for o in todo})
-        tmp = etags_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(etags, indent=1))
-        os.replace(tmp, etags_path)
+    fetched = fetch_cached(store, objects, target)
+    if fetched:
+        log.info("model_download", uri=uri, files=len(fetched), bytes=sum(o.size for o in fetched))
     else:
         log.info("model_cache_hit", uri=uri, path=str(target))
     _check_model_dir(target, uri)
@@ -397,10 +377,3 @@ def auto_batch_size(estimate: MemoryEstimate, limit_bytes: int) -> int:
             "on training.gradient_checkpointing"
         )
     return int(min(AUTO_BATCH_MAX, budget // estimate.per_sequence_bytes))
-
-
-def build_model(spec: JobSpec, model_dir: Path, device: Device, dtype: str) -> tuple[Any, Any]:
-    tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
-    model = load_quantized_model(model_dir, spec.model, spec.quantization, dtype, device)
-    model = add_lora(model, spec.lora, spec.training.gradient_checkpointing)
-    return model, tokenizer

@@ -176,6 +176,12 @@ class FineTuneRun:
             log.info(
                 "run_claimed", run_id=self.run_id, checkpoint_step=found.step if found else None
             )
+        # A clean working directory: nothing an earlier pod left is read again.
+        if self.ranks.is_local_main:  # the ranks of one node share its cache
+            if self.work_dir.exists():
+                shutil.rmtree(self.work_dir)
+            self.work_dir.mkdir(parents=True)
+        barrier()
         # 2. Device and dtype: a bf16 request on a T4 fails here, before any weight loads.
         self.device = model.detect_device()
         self.dtype = model.resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
@@ -222,11 +228,6 @@ class FineTuneRun:
         # 5. The trainer, with the checkpoint/preemption callback.
         from service.trainer import SafePointCallback, build_trainer
 
-        if self.ranks.is_local_main:  # the ranks of one node share its cache
-            if self.work_dir.exists():
-                shutil.rmtree(self.work_dir)
-            self.work_dir.mkdir(parents=True)
-        barrier()
         self.safepoint = SafePointCallback(
             self.spec,
             self.committer,
@@ -290,7 +291,7 @@ class FineTuneRun:
             self.timings.mark("train")
         stop = self.safepoint.stop
         if stop.preempted:
-            if stop.mid_step and self.trainer.state.global_step > self.safepoint._last_saved_step:
+            if stop.mid_step and self.trainer.state.global_step > self.safepoint.last_saved_step:
                 save_previous_step(self.trainer, self.safepoint)
             self._event("preempted", step=self.trainer.state.global_step)
             budget = max(self.watcher.seconds_left(), 0.0)
@@ -328,6 +329,7 @@ class FineTuneRun:
         for path in sorted(p for p in staging.rglob("*") if p.is_file()):
             self.output.upload_file(path, f"{ADAPTER_DIR}/{path.relative_to(staging).as_posix()}")
         self.timings.mark("save")
+        record = self.run_record("succeeded")
         if self.history is not None and self.decision is not None and self.decision.promoted:
             # Before run.json: a pod that dies in between re-runs and publishes again.
             _, tag = self.history.published()
@@ -336,12 +338,11 @@ class FineTuneRun:
                     "run_id": self.run_id,
                     "adapter": f"runs/{self.run_id}/{ADAPTER_DIR}",
                     "published_unix": time.time(),
-                    "eval_loss": self.run_record("succeeded")["losses"]["final_eval"],
+                    "eval_loss": record["losses"]["final_eval"],
                 },
                 tag,
             )
             log.info("published", run_id=self.run_id, reason=self.decision.reason)
-        record = self.run_record("succeeded")
         try:
             self.output.write_bytes(
                 RUN_RECORD, json.dumps(record, indent=1, default=str).encode(), if_none_match=True
@@ -400,15 +401,17 @@ class FineTuneRun:
         log.info("run_skipped", reason=self.skipped)
 
     def _published_adapter(self) -> Path | None:
+        """The published adapter, local; fetched once per published run (a warm start and
+        the promotion gate both need it, and PUBLISHED may move in between)."""
         assert self.history is not None
         pointer, _ = self.history.published()
         if pointer is None:
             return None
-        local = self.work_dir / "published"
-        if local.exists():
-            shutil.rmtree(local)
-        store = self.history.run_storage(pointer["run_id"]).child(ADAPTER_DIR)
-        return download_prefix(store, local)
+        local = self.work_dir / "published" / pointer["run_id"]
+        if not local.is_dir():
+            store = self.history.run_storage(pointer["run_id"]).child(ADAPTER_DIR)
+            download_prefix(store, local)
+        return local
 
     def _warm_start(self, peft_model: Any) -> None:
         from peft import set_peft_model_state_dict

@@ -10,6 +10,7 @@ an equivalent content-version check on local disk.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -375,6 +376,34 @@ class S3Storage:
 
     def child(self, prefix: str) -> S3Storage:
         return S3Storage(f"s3://{self.bucket}/{join(self.prefix, prefix)}/", client=self.client)
+
+
+CACHE_INDEX = ".spotlora-etags.json"
+
+
+def fetch_cached(store: Storage, objects: list[ObjectInfo], target: Path) -> list[ObjectInfo]:
+    """Download ``objects`` under ``target`` in parallel, remembering the ETag each came
+    with: an interrupted fetch resumes with what is missing, and a cache that still
+    matches costs only the listing. Returns the objects that were downloaded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index_path = target / CACHE_INDEX
+    etags: dict[str, str] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    todo = [
+        o
+        for o in objects
+        if etags.get(o.key) != o.etag
+        or not (target / o.key).is_file()
+        or (target / o.key).stat().st_size != o.size
+    ]
+    if todo:
+        with ThreadPoolExecutor(TRANSFER_CONCURRENCY) as pool:
+            list(pool.map(lambda o: store.download_file(o.key, target / o.key), todo))
+        etags.update({o.key: o.etag for o in todo})
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(etags, indent=1))
+        os.replace(tmp, index_path)
+    return todo
 
 
 def download_prefix(storage: Storage, local_dir: Path) -> Path:

@@ -302,7 +302,7 @@ class SafePointCallback(TrainerCallback):
         self.stop = StopState()
         self.step_rng: dict[str, Any] | None = None
         self._last_save_time = time.monotonic()
-        self._last_saved_step = -1
+        self.last_saved_step = -1
         self._save_requested_at: float | None = None
         self._micro_seconds = 0.0
         self._micro_started = time.monotonic()
@@ -310,7 +310,7 @@ class SafePointCallback(TrainerCallback):
         self._staging = itertools.count()
 
     def mark_resumed(self, step: int) -> None:
-        self._last_saved_step = step
+        self.last_saved_step = step
 
     # -- timing of micro-batches, for the finish-or-stop decision ---------------
 
@@ -361,9 +361,9 @@ class SafePointCallback(TrainerCallback):
         if requested:
             self.stop = StopState(preempted=True)
             control.should_training_stop = True
-            if step != self._last_saved_step:
+            if step != self.last_saved_step:
                 control.should_save = True
-        elif step != self._last_saved_step and (
+        elif step != self.last_saved_step and (
             (self.every_steps and step % self.every_steps == 0) or time_due
         ):
             control.should_save = True
@@ -382,7 +382,7 @@ class SafePointCallback(TrainerCallback):
         alone commits."""
         barrier()
         if not self.ranks.is_main:
-            self._last_saved_step = step
+            self.last_saved_step = step
             self._last_save_time = time.monotonic()
             return
         staged = self.work_dir / f"staged-{step:08d}-{next(self._staging)}"
@@ -390,7 +390,7 @@ class SafePointCallback(TrainerCallback):
         blocking = time.monotonic() - (self._save_requested_at or time.monotonic())
         self._save_requested_at = None
         self._last_save_time = time.monotonic()
-        self._last_saved_step = step
+        self.last_saved_step = step
         log.info("checkpoint_saved", step=step, blocking_seconds=round(blocking, 3))
         if self.on_checkpoint_saved is not None:
             self.on_checkpoint_saved(step, blocking)
