@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -217,12 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # a malformed SPOTLORA_* variable
         sys.stderr.write(f"spotlora: invalid environment: {err}\n")
         return ExitCode.INVALID_INPUT
-    secrets = tuple(
-        s
-        for s in [settings.hf_token.get_secret_value() if settings.hf_token else None]
-        + [__import__("os").environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
-        if s
-    )
+    # Values to scrub from every log line, whatever key or library carries them.
+    given = [os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    if settings.hf_token:
+        given.append(settings.hf_token.get_secret_value())
+    secrets = tuple(s for s in given if s)
     configure_logging(settings.log_format, settings.log_level, secrets)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # torchrun's own flags follow: no parsing of ours
