@@ -169,8 +169,21 @@ class FineTuneRun:
         from service import data, model
 
         init_process_group(self.ranks)
-        # 1. Claim the run before any expensive work, so an older pod still running
-        #    is fenced off from the checkpoint pointer from here on.
+        # 1. Device and dtype: a bf16 request on a T4 fails here, before any weight loads.
+        self.device = model.detect_device()
+        self.dtype = model.resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
+        log.info("device", kind=self.device.kind, name=self.device.name, dtype=self.dtype)
+        # 2. Data before the model: bad data fails in seconds, not after a 7B load.
+        dataset = data.load_dataset(self.spec.data, self.cache_dir)
+        self.data_report, self.data_fingerprint = dataset.report, dataset.fingerprint
+        self.metrics.rows_skipped(dataset.report["rows_skipped"])
+        log.info("data_loaded", **{k: v for k, v in dataset.report.items() if k != "files"})
+        self.timings.mark("data")
+        if self._unchanged_since_last_success():
+            return
+        # 3. Claim the run before the expensive work, so an older pod still running
+        #    is fenced off from the checkpoint pointer from here on. Bad input has
+        #    failed by now, leaving nothing behind.
         if self.ranks.is_main:
             found = self.checkpoints.claim()
             log.info(
@@ -182,18 +195,6 @@ class FineTuneRun:
                 shutil.rmtree(self.work_dir)
             self.work_dir.mkdir(parents=True)
         barrier()
-        # 2. Device and dtype: a bf16 request on a T4 fails here, before any weight loads.
-        self.device = model.detect_device()
-        self.dtype = model.resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
-        log.info("device", kind=self.device.kind, name=self.device.name, dtype=self.dtype)
-        # 3. Data before the model: bad data fails in seconds, not after a 7B load.
-        dataset = data.load_dataset(self.spec.data, self.cache_dir)
-        self.data_report, self.data_fingerprint = dataset.report, dataset.fingerprint
-        self.metrics.rows_skipped(dataset.report["rows_skipped"])
-        log.info("data_loaded", **{k: v for k, v in dataset.report.items() if k != "files"})
-        self.timings.mark("data")
-        if self._unchanged_since_last_success():
-            return
         # 4. The 4-bit base and the adapters.
         model_dir = model.fetch_model(
             self.spec.model,

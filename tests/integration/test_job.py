@@ -109,7 +109,7 @@ def test_unusable_data_exits_65_naming_the_first_bad_line(tiny_model: Path, tmp_
     assert f"{data} line 1: missing or empty 'output'" in done.stderr
     assert "no usable alpaca rows in 3 read" in done.stderr
     assert "Traceback" not in done.stderr
-    assert not (out / "run.json").exists() and not (out / "adapter").exists()
+    assert not out.exists()  # nothing written: no record, no adapter, no claim
 
 
 @pytest.mark.parametrize("spec_change", [{"data": {"format": "chat"}}])
