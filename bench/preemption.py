@@ -126,7 +126,8 @@ def cold_load_seconds(manifest: Path) -> float:
         "spec = FineTuneJob.model_validate(yaml.safe_load(open(sys.argv[1]))).spec;"
         "d = m.detect_device(); dt = m.resolve_compute_dtype('auto', d); t = time.monotonic();"
         "x = m.add_lora(m.load_quantized_model(__import__('pathlib').Path(spec.model.source),"
-        " spec.model, spec.quantization, dt, d), spec.lora, True); torch.cuda.synchronize();"
+        " spec.model, spec.quantization, dt, d), spec.lora, spec.quantization);"
+        "torch.cuda.synchronize();"
         "print(time.monotonic() - t)"
     )
     out = subprocess.run(

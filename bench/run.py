@@ -2,7 +2,7 @@
 
 Builds (once) a random-init model directory of the preset's shape, measures the bf16 and
 fp16 matmul rates, runs each variant in its own process and prints one table. Variants:
-seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp16[:B..]
+seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp32[:B..]
 (B: micro-batch sizes, swept in one process; default 'auto', the product's default).
 """
 
@@ -37,8 +37,8 @@ def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: floa
         cmd.append("--t4")
     if name == "spotlora-nockpt":
         cmd.append("--no-checkpointing")
-    if name == "spotlora-frozen-fp16":
-        cmd.append("--frozen-fp16")
+    if name == "spotlora-frozen-fp32":
+        cmd.append("--frozen-fp32")
     if sizes:
         cmd += ["--batch-sizes", sizes]
     return cmd

@@ -156,8 +156,11 @@ def seed_trainer(model_dir: Path, dtype: str, steps: int, packing: bool) -> tupl
 # --------------------------------------------------------------------------- product
 
 
-def job_spec(model_dir: Path, dtype: str, steps: int, overrides: dict[str, Any]) -> Any:
-    """The job as a user would write it: only what the job is, the rest spotlora's defaults."""
+def job_spec(
+    model_dir: Path, dtype: str, steps: int, overrides: dict[str, Any], frozen_dtype: str
+) -> Any:
+    """The job as a user would write it: only what the job is, the rest spotlora's defaults
+    (frozen_dtype: a lever's departure from the default, 'compute')."""
     from service.manifest.spec import FineTuneJob
 
     training: dict[str, Any] = {"max_steps": steps, "logging_steps": 1}
@@ -168,7 +171,7 @@ def job_spec(model_dir: Path, dtype: str, steps: int, overrides: dict[str, Any])
         "metadata": {"name": "bench"},
         "spec": {
             "model": {"source": str(model_dir)},
-            "quantization": {"compute_dtype": dtype},
+            "quantization": {"compute_dtype": dtype, "frozen_dtype": frozen_dtype},
             "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
             "data": {"train": "synthetic", "format": "text", "max_length": 512},
             "training": training,
@@ -192,7 +195,7 @@ def load_product_model(spec: Any, model_dir: Path, dtype: str) -> tuple[Any, Any
     peft_model = product.add_lora(
         product.load_quantized_model(model_dir, spec.model, spec.quantization, dtype, device),
         spec.lora,
-        spec.training.gradient_checkpointing,
+        spec.quantization,
     )
     torch.cuda.synchronize()
     return peft_model, tokenizer, time.monotonic() - start
@@ -215,19 +218,6 @@ def product_trainer(spec: Any, peft_model: Any, tokenizer: Any, dtype: str) -> A
     )
 
 
-def frozen_to_fp16(model: Any) -> int:
-    """peft's k-bit preparation keeps every non-quantized frozen weight in fp32, so the
-    residual stream and each layer's checkpoint are fp32 too."""
-    import torch
-
-    count = 0
-    for param in model.parameters():
-        if not param.requires_grad and param.dtype == torch.float32:
-            param.data = param.data.half()
-            count += 1
-    return count
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("variant", choices=["seed", "seed-packing", "spotlora"])
@@ -244,9 +234,9 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--matmul-tflops", type=float, default=0.0)
     parser.add_argument(
-        "--frozen-fp16",
+        "--frozen-fp32",
         action="store_true",
-        help="lever: undo k-bit preparation's fp32 upcast of embeddings, norms and LM head",
+        help="peft's k-bit preparation: embeddings, norms and LM head upcast to fp32",
     )
     opts = parser.parse_args()
 
@@ -280,27 +270,27 @@ def main() -> None:
         finish({"batch_size": 16 if packing else 4, **measure(trainer, opts.warmup)})
         return
 
-    from service.model import estimate_memory
+    from transformers import AutoConfig
 
-    # Checkpointing is switched on or off when the adapters are added, so with the load.
-    first = job_spec(
-        opts.model_dir, dtype, opts.steps, {"gradient_checkpointing": not opts.no_checkpointing}
-    )
+    from service.model import estimate_memory, preflight_estimate
+
+    frozen_dtype = "fp32" if opts.frozen_fp32 else "compute"
+    first = job_spec(opts.model_dir, dtype, opts.steps, {}, frozen_dtype)
     peft_model, tokenizer, load_seconds = load_product_model(first, opts.model_dir, dtype)
     result["model_load_seconds"] = load_seconds
-    if opts.frozen_fp16:
-        result["frozen_fp16"] = frozen_to_fp16(peft_model)
+    result["frozen_dtype"] = frozen_dtype
     for size in opts.batch_sizes.split(","):
         overrides: dict[str, Any] = {
             "batch_size": size if size == "auto" else int(size),
             "gradient_accumulation": opts.accumulation,
             "gradient_checkpointing": not opts.no_checkpointing,
         }
-        spec = job_spec(opts.model_dir, dtype, opts.steps, overrides)
+        spec = job_spec(opts.model_dir, dtype, opts.steps, overrides, frozen_dtype)
         gc.collect()
         torch.cuda.empty_cache()
         trainer = product_trainer(spec, peft_model, tokenizer, dtype)
         chosen = trainer.args.per_device_train_batch_size
+        preflight = preflight_estimate(spec, AutoConfig.from_pretrained(opts.model_dir))
         estimate = estimate_memory(
             trainer.model,
             max_length=512,
@@ -313,6 +303,8 @@ def main() -> None:
             "gradient_accumulation": opts.accumulation,
             "gradient_checkpointing": spec.training.gradient_checkpointing,
             "estimated_peak_gib": estimate.total_bytes(chosen) / 2**30,
+            "preflight_peak_gib": preflight.total_bytes(chosen) / 2**30,
+            "allocated_before_gib": torch.cuda.memory_allocated() / 2**30,
             **measure(trainer, opts.warmup),
         }
         finish(run)

@@ -185,14 +185,12 @@ def disable_cpu_inference_repack(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def add_lora(model: Any, lora: LoraSpec, gradient_checkpointing: bool) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def add_lora(model: Any, lora: LoraSpec, quant: QuantizationSpec) -> Any:
+    """Adapters on the frozen base. Activation checkpointing is the trainer's to switch on
+    (training.gradient_checkpointing), non-reentrant, so the inputs need no gradient."""
+    from peft import LoraConfig, get_peft_model
 
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
+    prepare_frozen_base(model, upcast=quant.frozen_dtype == "fp32")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
@@ -202,6 +200,22 @@ def add_lora(model: Any, lora: LoraSpec, gradient_checkpointing: bool) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def prepare_frozen_base(model: Any, *, upcast: bool) -> None:
+    """Freeze every base weight. peft's prepare_model_for_kbit_training also casts the
+    unquantized ones (embeddings, norms, LM head) to fp32, which makes the residual stream
+    and each checkpointed layer input fp32 and casts the LM head back to half precision on
+    every step: a fifth of a 7B step's time and 3.7 GiB at 16 x 512 tokens in fp16
+    (bench/README.md). Each layer's output is a half-precision matmul's anyway, so the
+    default keeps them in the compute dtype; upcast=True is peft's behaviour."""
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+        half = param.dtype in (torch.float16, torch.bfloat16)
+        if upcast and half and type(param).__name__ != "Params4bit":
+            param.data = param.data.float()
 
 
 def upcast_trainable_to_fp32(model: Any) -> int:
@@ -220,11 +234,14 @@ def upcast_trainable_to_fp32(model: Any) -> int:
 
 # --------------------------------------------------------------------------- memory
 
-# Bytes of activations one token holds while one decoder layer is recomputed and
-# back-propagated, in units of (hidden + intermediate) x 2 bytes; and the LM head's
-# transient half-precision copies, in units of vocabulary x hidden x 2 bytes. Fitted to
-# peaks measured on a Mistral-7B shape in fp16 with 4-bit weights (bench/README.md).
-LAYER_ACTIVATION_FACTOR = 12.6
+# Activations one token holds while one decoder layer is recomputed and back-propagated:
+# LAYER_WORKING_SET x (hidden + intermediate) half-precision values, plus
+# RESIDUAL_COPIES x hidden values of the residual stream's dtype. When the LM head is kept
+# in fp32 under half-precision compute, autocast holds LM_HEAD_COPIES half-precision copies
+# of it. Fitted to peaks measured on a Mistral-7B shape in fp16 with 4-bit weights, with
+# the frozen weights in fp16 and in fp32 (bench/README.md).
+LAYER_WORKING_SET = 5.1
+RESIDUAL_COPIES = 13.4
 LM_HEAD_COPIES = 2
 # Share of the memory limit the estimate may fill: the allocator's fragmentation and
 # the caching of freed blocks take the rest.
@@ -247,9 +264,12 @@ def estimate_memory(
 ) -> MemoryEstimate:  # weight_bytes: what the loaded model holds on the device now
     """Peak GPU memory of a training step, from the loaded model, before one runs."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantization = getattr(model.config, "quantization_config", None)
+    compute = getattr(quantization, "bnb_4bit_compute_dtype", None)
     return _estimate(
         model.config.get_text_config(),
-        residual_bytes=model.get_input_embeddings().weight.element_size(),
+        frozen_bytes=model.get_input_embeddings().weight.element_size(),
+        compute_bytes=compute.itemsize if compute is not None else 2,
         trainable=trainable,
         weight_bytes=weight_bytes,
         max_length=max_length,
@@ -260,23 +280,27 @@ def estimate_memory(
 def _estimate(
     config: Any,
     *,
-    residual_bytes: int,
+    frozen_bytes: int,
+    compute_bytes: int,
     trainable: int,
     weight_bytes: int,
     max_length: int,
     gradient_checkpointing: bool,
 ) -> MemoryEstimate:
     """With checkpointing a token keeps each layer's input (in the residual stream's dtype,
-    fp32 after k-bit preparation) plus one layer's working set; without it, every layer's
-    working set."""
+    that of the frozen unquantized weights) plus one layer's working set; without it,
+    every layer's working set."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
-    layer = LAYER_ACTIVATION_FACTOR * (hidden + intermediate) * 2
-    per_token = layers * hidden * residual_bytes + (
+    layer = (
+        LAYER_WORKING_SET * (hidden + intermediate) * 2 + RESIDUAL_COPIES * hidden * frozen_bytes
+    )
+    per_token = layers * hidden * frozen_bytes + (
         layer if gradient_checkpointing else layers * layer
     )
+    head_copies = LM_HEAD_COPIES if frozen_bytes > compute_bytes else 0
     # weight_bytes holds the (fp32) adapters already; add their gradients and two AdamW moments
-    fixed = weight_bytes + 12 * trainable + LM_HEAD_COPIES * config.vocab_size * hidden * 2
+    fixed = weight_bytes + 12 * trainable + head_copies * config.vocab_size * hidden * 2
     return MemoryEstimate(int(fixed), int(per_token * max_length))
 
 
@@ -321,8 +345,9 @@ def fetch_config(spec: ModelSpec, hf_token: str | None = None) -> Any:
 
 def preflight_estimate(spec: JobSpec, config: Any) -> MemoryEstimate:
     """The same estimate from the model's config alone, before any weight is fetched: the
-    layers are built on the meta device to count what will be quantized, what stays fp32
-    after k-bit preparation, and what LoRA adds."""
+    layers are built on the meta device to count what will be quantized, what stays
+    unquantized (in half precision, the compute dtype of any GPU, unless
+    quantization.frozen_dtype is fp32), and what LoRA adds."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -344,13 +369,15 @@ def preflight_estimate(spec: JobSpec, config: Any) -> MemoryEstimate:
             counted.add(id(module.weight))
             if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
                 trainable += spec.lora.r * (module.in_features + module.out_features)
+    frozen_bytes = 4 if spec.quantization.frozen_dtype == "fp32" else 2
     for param in model.parameters():
         if id(param) not in counted:
-            weight_bytes += param.numel() * 4  # cast to fp32 by k-bit preparation
+            weight_bytes += param.numel() * frozen_bytes
     weight_bytes += trainable * 4
     return _estimate(
         config.get_text_config(),
-        residual_bytes=4,
+        frozen_bytes=frozen_bytes,
+        compute_bytes=2,
         trainable=trainable,
         weight_bytes=int(weight_bytes),
         max_length=spec.data.max_length,

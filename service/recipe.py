@@ -216,7 +216,7 @@ class FineTuneRun:
                 model_dir, self.spec.model, self.spec.quantization, self.dtype, self.device
             ),
             self.spec.lora,
-            self.spec.training.gradient_checkpointing,
+            self.spec.quantization,
         )
         if self.spec.promotion.warm_start:
             self._warm_start(peft_model)

@@ -80,6 +80,13 @@ class QuantizationSpec(Strict):
         description="Matmul dtype. 'auto': bf16 on compute capability >= 8.0, fp16 on older GPUs "
         "such as the T4, fp32 on CPU. bf16 on a GPU without native bf16 is an error.",
     )
+    frozen_dtype: Literal["compute", "fp32"] = Field(
+        default="compute",
+        description="dtype of the frozen weights that are not quantized (embeddings, norms, "
+        "LM head), and so of the residual stream. 'compute': the compute dtype, as in fp16 "
+        "inference. 'fp32': upcast them, as peft's prepare_model_for_kbit_training does; a "
+        "slower step and more memory, for a model whose residual stream overflows fp16.",
+    )
 
     @field_validator("compute_dtype", mode="before")
     @classmethod
