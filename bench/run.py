@@ -2,7 +2,8 @@
 
 Builds (once) a random-init model directory of the preset's shape, measures the bf16 and
 fp16 matmul rates, runs each variant in its own process and prints one table. Variants:
-seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp32[:B..]
+seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp32[:B..],
+spotlora-compile[:B..]
 (B: micro-batch sizes, swept in one process; default 'auto', the product's default).
 """
 
@@ -39,6 +40,8 @@ def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: floa
         cmd.append("--no-checkpointing")
     if name == "spotlora-frozen-fp32":
         cmd.append("--frozen-fp32")
+    if name == "spotlora-compile":
+        cmd.append("--compile")
     if sizes:
         cmd += ["--batch-sizes", sizes]
     return cmd

@@ -234,6 +234,11 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--matmul-tflops", type=float, default=0.0)
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="training.torch_compile: torch.compile each decoder layer",
+    )
+    parser.add_argument(
         "--frozen-fp32",
         action="store_true",
         help="peft's k-bit preparation: embeddings, norms and LM head upcast to fp32",
@@ -272,18 +277,24 @@ def main() -> None:
 
     from transformers import AutoConfig
 
+    from service.model import compile_layers as product_compile
     from service.model import estimate_memory, preflight_estimate
 
     frozen_dtype = "fp32" if opts.frozen_fp32 else "compute"
-    first = job_spec(opts.model_dir, dtype, opts.steps, {}, frozen_dtype)
+    first = job_spec(
+        opts.model_dir, dtype, opts.steps, {"torch_compile": opts.compile}, frozen_dtype
+    )
     peft_model, tokenizer, load_seconds = load_product_model(first, opts.model_dir, dtype)
     result["model_load_seconds"] = load_seconds
     result["frozen_dtype"] = frozen_dtype
+    if opts.compile:
+        result["compiled_layers"] = product_compile(peft_model)
     for size in opts.batch_sizes.split(","):
         overrides: dict[str, Any] = {
             "batch_size": size if size == "auto" else int(size),
             "gradient_accumulation": opts.accumulation,
             "gradient_checkpointing": not opts.no_checkpointing,
+            "torch_compile": opts.compile,
         }
         spec = job_spec(opts.model_dir, dtype, opts.steps, overrides, frozen_dtype)
         gc.collect()

@@ -25,6 +25,8 @@ log = structlog.get_logger(__name__)
 # Files a causal LM directory needs besides its weights; pickled weights are never fetched.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".tiktoken")
 BF16_MIN_CAPABILITY = (8, 0)
+# Triton 3.3 dropped Turing (sm_75); the PyTorch releases pinned here ship a later one.
+COMPILE_MIN_CAPABILITY = (8, 0)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,20 @@ def resolve_compute_dtype(requested: str, device: Device) -> str:
             f"{device.name} is {major}.{minor}; use fp16 or auto"
         )
     return requested
+
+
+def check_compile_supported(device: Device) -> None:
+    if device.capability is not None and device.capability >= COMPILE_MIN_CAPABILITY:
+        return
+    where = (
+        "this machine has no CUDA GPU"
+        if device.kind == "cpu"
+        else f"{device.name} is {'.'.join(map(str, device.capability or ()))}"
+    )
+    raise ManifestError(
+        "spec.training.torch_compile: needs a CUDA GPU of compute capability >= 8.0 (Triton "
+        f"no longer supports older ones), but {where}; set it to false"
+    )
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -200,6 +216,17 @@ def add_lora(model: Any, lora: LoraSpec, quant: QuantizationSpec) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def compile_layers(model: Any) -> int:
+    """torch.compile each decoder layer in place: one graph per layer shape, reused by all
+    of them; the 4-bit matmuls stay bitsandbytes' own ops inside it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def prepare_frozen_base(model: Any, *, upcast: bool) -> None:

@@ -172,6 +172,8 @@ class FineTuneRun:
         # 1. Device and dtype: a bf16 request on a T4 fails here, before any weight loads.
         self.device = model.detect_device()
         self.dtype = model.resolve_compute_dtype(self.spec.quantization.compute_dtype, self.device)
+        if self.spec.training.torch_compile:
+            model.check_compile_supported(self.device)
         log.info("device", kind=self.device.kind, name=self.device.name, dtype=self.dtype)
         # 2. Data before the model: bad data fails in seconds, not after a 7B load.
         dataset = data.load_dataset(self.spec.data, self.cache_dir)
@@ -218,6 +220,8 @@ class FineTuneRun:
             self.spec.lora,
             self.spec.quantization,
         )
+        if self.spec.training.torch_compile:
+            log.info("torch_compile", layers=model.compile_layers(peft_model))
         if self.spec.promotion.warm_start:
             self._warm_start(peft_model)
         self.timings.mark("model")

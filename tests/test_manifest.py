@@ -12,7 +12,7 @@ from service.cli import EXAMPLE_MANIFEST
 from service.errors import ManifestError
 from service.manifest import FineTuneJob, load_manifest, validate_document
 from service.manifest.load import apply_overrides, parse_document
-from service.model import Device, resolve_compute_dtype
+from service.model import Device, check_compile_supported, resolve_compute_dtype
 
 T4 = Device("cuda", "Tesla T4", (7, 5))
 A100 = Device("cuda", "NVIDIA A100", (8, 0))
@@ -119,6 +119,15 @@ def test_dtype_long_names_are_accepted() -> None:
 def test_bf16_on_a_t4_is_refused_before_loading() -> None:
     with pytest.raises(ManifestError, match=r"bf16 needs compute capability >= 8.0.*7\.5"):
         resolve_compute_dtype("bf16", T4)
+
+
+@pytest.mark.parametrize(
+    ("device", "named"), [(T4, r"Tesla T4 is 7\.5"), (CPU, "this machine has no CUDA GPU")]
+)
+def test_torch_compile_is_refused_where_triton_cannot_build(device: Device, named: str) -> None:
+    with pytest.raises(ManifestError, match=r"spec\.training\.torch_compile: .*>= 8\.0.*" + named):
+        check_compile_supported(device)
+    check_compile_supported(A100)
 
 
 @pytest.mark.parametrize(

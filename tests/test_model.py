@@ -84,3 +84,10 @@ def test_the_runtime_estimate_follows_the_frozen_dtype(tiny_model: Path) -> None
     assert estimates["fp32"].per_sequence_bytes > estimates["compute"].per_sequence_bytes
     # autocast's half-precision copies of an fp32 LM head
     assert estimates["fp32"].fixed_bytes > estimates["compute"].fixed_bytes
+
+
+def test_compile_layers_wraps_each_decoder_layer(tiny_model: Path) -> None:
+    peft_model, _ = load(tiny_model, "compute")
+    layers = peft_model.get_base_model().model.layers  # type: ignore[attr-defined]
+    assert product.compile_layers(peft_model) == len(layers) > 0
+    assert all(layer._compiled_call_impl is not None for layer in layers)

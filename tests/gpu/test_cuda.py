@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import adapter_tensors, at_step, job_env, manifest, run_job, step_losses
+from tests.jobs import (
+    adapter_tensors,
+    at_step,
+    job_env,
+    manifest,
+    parse_events,
+    run_job,
+    step_losses,
+)
 from tests.jobs import write_manifest as write
 
 torch = pytest.importorskip("torch")
@@ -57,3 +65,30 @@ def test_fp16_preempt_and_resume_continue_the_same_run(
     for name in b:
         assert a[name].dtype == torch.float32  # adapters stay fp32 under fp16 compute
         torch.testing.assert_close(a[name], b[name], rtol=2e-2, atol=1e-4)
+
+
+def test_torch_compile_trains_the_same_curve(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """training.torch_compile on a GPU that Triton supports (the H200: bf16)."""
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"out-{compiled}"
+        job = manifest(
+            "cuda",
+            str(tiny_model),
+            str(tiny_data),
+            str(out),
+            training={"max_steps": 6, "batch_size": 4, "torch_compile": compiled},
+        )
+        done = run_job(
+            ["run", "-f", str(write(tmp_path / f"{compiled}.yaml", job))],
+            job_env(tmp_path / f"cache-{compiled}"),
+        )
+        assert done.code == 0, done.stderr[-3000:]
+        events = [e for e in parse_events(done.stderr) if e.get("event") == "torch_compile"]
+        assert bool(events) is compiled
+        losses[compiled] = step_losses(json.loads((out / "run.json").read_text()))
+    assert losses[True].keys() == losses[False].keys() and len(losses[True]) == 6
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=2e-2), step

@@ -91,6 +91,20 @@ def test_validate_prints_resolved_manifest(tmp_path: Path) -> None:
     assert "quant_type: nf4" in proc.stdout  # defaults are shown resolved
 
 
+def test_torch_compile_without_a_recent_gpu_exits_2_before_anything_is_written(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    job = manifest("c", str(tiny_model), str(tiny_data), str(out), training={"torch_compile": True})
+    done = run_job(
+        ["run", "-f", str(write_manifest(tmp_path / "job.yaml", job))], job_env(tmp_path)
+    )
+    assert done.code == 2
+    assert "spec.training.torch_compile: needs a CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+
+
 def test_missing_manifest_file_exits_2(tmp_path: Path) -> None:
     done = run_job(["run", "--manifest", str(tmp_path / "nope.yaml")], job_env(tmp_path))
     assert done.code == 2
