@@ -234,7 +234,7 @@ def prepare_frozen_base(model: Any, *, upcast: bool) -> None:
     unquantized ones (embeddings, norms, LM head) to fp32, which makes the residual stream
     and each checkpointed layer input fp32 and casts the LM head back to half precision on
     every step: a fifth of a 7B step's time and 3.7 GiB at 16 x 512 tokens in fp16
-    (bench/README.md). Each layer's output is a half-precision matmul's anyway, so the
+    (README.md, Performance). Each layer's output is a half-precision matmul's anyway, so the
     default keeps them in the compute dtype; upcast=True is peft's behaviour."""
     import torch
 
