@@ -204,7 +204,7 @@ class TrainingSpec(Strict):
     torch_compile: bool = Field(
         default=False,
         description="Compile each decoder layer with torch.compile, fusing the elementwise work "
-        "around the 4-bit matmuls (+17% tokens/s on a 7B shape, README.md) for ~15 s of "
+        "around the 4-bit matmuls (+17% tokens/s on a 7B shape, README.md) for about 10 s of "
         "compiling at each start. Needs a CUDA GPU of compute capability >= 8.0: the Triton "
         "that PyTorch ships no longer supports Turing (T4).",
     )
