@@ -68,17 +68,28 @@ def resolve_compute_dtype(requested: str, device: Device) -> str:
 
 
 def check_compile_supported(device: Device) -> None:
-    if device.capability is not None and device.capability >= COMPILE_MIN_CAPABILITY:
-        return
-    where = (
-        "this machine has no CUDA GPU"
-        if device.kind == "cpu"
-        else f"{device.name} is {'.'.join(map(str, device.capability or ()))}"
-    )
-    raise ManifestError(
-        "spec.training.torch_compile: needs a CUDA GPU of compute capability >= 8.0 (Triton "
-        f"no longer supports older ones), but {where}; set it to false"
-    )
+    """What Triton needs, checked before anything is claimed or loaded: a recent GPU, and a C
+    compiler (found as Triton finds it) to build each kernel's launcher."""
+    import os
+    import shutil
+
+    if device.capability is None or device.capability < COMPILE_MIN_CAPABILITY:
+        where = (
+            "this machine has no CUDA GPU"
+            if device.kind == "cpu"
+            else f"{device.name} is {'.'.join(map(str, device.capability or ()))}"
+        )
+        raise ManifestError(
+            "spec.training.torch_compile: needs a CUDA GPU of compute capability >= 8.0 "
+            f"(Triton no longer supports older ones), but {where}; set it to false"
+        )
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler or not shutil.which(compiler):
+        raise ManifestError(
+            "spec.training.torch_compile: Triton builds its kernels with a C compiler and none "
+            "was found (CC, gcc or clang on PATH); the spotlora image ships none (see README "
+            "'Performance'), or set it to false"
+        )
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,6 +122,16 @@ def test_bf16_on_a_t4_is_refused_before_loading() -> None:
         resolve_compute_dtype("bf16", T4)
 
 
+@pytest.fixture
+def only_gcc_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gcc = tmp_path / "gcc"
+    gcc.write_text("#!/bin/sh\n")
+    gcc.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+
+
+@pytest.mark.usefixtures("only_gcc_on_path")
 @pytest.mark.parametrize(
     ("device", "named"), [(T4, r"Tesla T4 is 7\.5"), (CPU, "this machine has no CUDA GPU")]
 )
@@ -128,6 +139,18 @@ def test_torch_compile_is_refused_where_triton_cannot_build(device: Device, name
     with pytest.raises(ManifestError, match=r"spec\.training\.torch_compile: .*>= 8\.0.*" + named):
         check_compile_supported(device)
     check_compile_supported(A100)
+
+
+def test_torch_compile_is_refused_without_a_c_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(ManifestError, match=r"torch_compile: Triton builds .* C compiler"):
+        check_compile_supported(A100)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(ManifestError, match="C compiler"):
+        check_compile_supported(A100)
 
 
 @pytest.mark.parametrize(
