@@ -125,8 +125,7 @@ def cold_load_seconds(manifest: Path) -> float:
         "from service import model as m;"
         "spec = FineTuneJob.model_validate(yaml.safe_load(open(sys.argv[1]))).spec;"
         "d = m.detect_device(); dt = m.resolve_compute_dtype('auto', d); t = time.monotonic();"
-        "x = m.add_lora(m.load_quantized_model(__import__('pathlib').Path(spec.model.source),"
-        " spec.model, spec.quantization, dt, d), spec.lora, spec.quantization);"
+        "x = m.load_for_training(__import__('pathlib').Path(spec.model.source), spec, dt, d);"
         "torch.cuda.synchronize();"
         "print(time.monotonic() - t)"
     )

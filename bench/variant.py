@@ -192,11 +192,7 @@ def load_product_model(spec: Any, model_dir: Path, dtype: str) -> tuple[Any, Any
     tokenizer = product.load_tokenizer(model_dir, False)
     set_seed(spec.training.seed)
     start = time.monotonic()
-    peft_model = product.add_lora(
-        product.load_quantized_model(model_dir, spec.model, spec.quantization, dtype, device),
-        spec.lora,
-        spec.quantization,
-    )
+    peft_model = product.load_for_training(model_dir, spec, dtype, device)
     torch.cuda.synchronize()
     return peft_model, tokenizer, time.monotonic() - start
 
@@ -277,7 +273,6 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from service.model import compile_layers as product_compile
     from service.model import estimate_memory, preflight_estimate
 
     frozen_dtype = "fp32" if opts.frozen_fp32 else "compute"
@@ -287,8 +282,7 @@ def main() -> None:
     peft_model, tokenizer, load_seconds = load_product_model(first, opts.model_dir, dtype)
     result["model_load_seconds"] = load_seconds
     result["frozen_dtype"] = frozen_dtype
-    if opts.compile:
-        result["compiled_layers"] = product_compile(peft_model)
+    config = AutoConfig.from_pretrained(opts.model_dir)
     for size in opts.batch_sizes.split(","):
         overrides: dict[str, Any] = {
             "batch_size": size if size == "auto" else int(size),
@@ -301,7 +295,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         trainer = product_trainer(spec, peft_model, tokenizer, dtype)
         chosen = trainer.args.per_device_train_batch_size
-        preflight = preflight_estimate(spec, AutoConfig.from_pretrained(opts.model_dir))
+        preflight = preflight_estimate(spec, config)
         estimate = estimate_memory(
             trainer.model,
             max_length=512,

@@ -212,6 +212,18 @@ def disable_cpu_inference_repack(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def load_for_training(path: Path, spec: JobSpec, dtype: str, device: Device) -> Any:
+    """The 4-bit base with adapters on it, its layers compiled if the job asks."""
+    peft_model = add_lora(
+        load_quantized_model(path, spec.model, spec.quantization, dtype, device),
+        spec.lora,
+        spec.quantization,
+    )
+    if spec.training.torch_compile:
+        log.info("torch_compile", layers=compile_layers(peft_model))
+    return peft_model
+
+
 def add_lora(model: Any, lora: LoraSpec, quant: QuantizationSpec) -> Any:
     """Adapters on the frozen base. Activation checkpointing is the trainer's to switch on
     (training.gradient_checkpointing), non-reentrant, so the inputs need no gradient."""

@@ -213,15 +213,7 @@ class FineTuneRun:
         from transformers import set_seed
 
         set_seed(self.spec.training.seed)
-        peft_model = model.add_lora(
-            model.load_quantized_model(
-                model_dir, self.spec.model, self.spec.quantization, self.dtype, self.device
-            ),
-            self.spec.lora,
-            self.spec.quantization,
-        )
-        if self.spec.training.torch_compile:
-            log.info("torch_compile", layers=model.compile_layers(peft_model))
+        peft_model = model.load_for_training(model_dir, self.spec, self.dtype, self.device)
         if self.spec.promotion.warm_start:
             self._warm_start(peft_model)
         self.timings.mark("model")

@@ -12,13 +12,13 @@ from service.manifest.spec import LoraSpec, ModelSpec, QuantizationSpec
 torch = pytest.importorskip("torch")
 
 
-def load(tiny_model: Path, frozen_dtype: str) -> tuple[object, QuantizationSpec]:
+def load(tiny_model: Path, frozen_dtype: str) -> object:
     quant = QuantizationSpec(compute_dtype="fp16", frozen_dtype=frozen_dtype)
     base = product.load_quantized_model(
         tiny_model, ModelSpec(source=str(tiny_model)), quant, "fp16", product.Device("cpu", "cpu")
     )
     torch.manual_seed(0)
-    return product.add_lora(base, LoraSpec(), quant), quant
+    return product.add_lora(base, LoraSpec(), quant)
 
 
 def unquantized_frozen(peft_model: object) -> dict[str, object]:
@@ -30,7 +30,7 @@ def unquantized_frozen(peft_model: object) -> dict[str, object]:
 
 
 def test_by_default_the_unquantized_weights_stay_in_the_compute_dtype(tiny_model: Path) -> None:
-    peft_model, _ = load(tiny_model, "compute")
+    peft_model = load(tiny_model, "compute")
     frozen = unquantized_frozen(peft_model)
     assert any("embed_tokens" in name for name in frozen)
     assert any("norm" in name for name in frozen)
@@ -40,7 +40,7 @@ def test_by_default_the_unquantized_weights_stay_in_the_compute_dtype(tiny_model
 
 
 def test_frozen_dtype_fp32_upcasts_them_as_peft_does(tiny_model: Path) -> None:
-    peft_model, _ = load(tiny_model, "fp32")
+    peft_model = load(tiny_model, "fp32")
     assert set(unquantized_frozen(peft_model).values()) == {torch.float32}
     quantized = [
         p
@@ -55,7 +55,7 @@ def test_both_give_the_same_fp16_loss_and_gradients(tiny_model: Path) -> None:
     input_ids = torch.randint(3, 200, (2, 48), generator=torch.Generator().manual_seed(1))
     results = {}
     for frozen_dtype in ("compute", "fp32"):
-        peft_model, _ = load(tiny_model, frozen_dtype)
+        peft_model = load(tiny_model, frozen_dtype)
         product.upcast_trainable_to_fp32(peft_model)
         with torch.autocast("cpu", dtype=torch.float16):
             loss = peft_model(input_ids=input_ids, labels=input_ids).loss  # type: ignore[operator]
@@ -77,7 +77,7 @@ def test_both_give_the_same_fp16_loss_and_gradients(tiny_model: Path) -> None:
 def test_the_runtime_estimate_follows_the_frozen_dtype(tiny_model: Path) -> None:
     estimates = {}
     for frozen_dtype in ("compute", "fp32"):
-        peft_model, _ = load(tiny_model, frozen_dtype)
+        peft_model = load(tiny_model, frozen_dtype)
         estimates[frozen_dtype] = product.estimate_memory(
             peft_model, max_length=512, gradient_checkpointing=True, weight_bytes=0
         )
@@ -87,7 +87,7 @@ def test_the_runtime_estimate_follows_the_frozen_dtype(tiny_model: Path) -> None
 
 
 def test_compile_layers_wraps_each_decoder_layer(tiny_model: Path) -> None:
-    peft_model, _ = load(tiny_model, "compute")
+    peft_model = load(tiny_model, "compute")
     layers = peft_model.get_base_model().model.layers  # type: ignore[attr-defined]
     assert product.compile_layers(peft_model) == len(layers) > 0
     assert all(layer._compiled_call_impl is not None for layer in layers)
