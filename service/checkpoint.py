@@ -3,8 +3,10 @@
 Layout under the run's checkpoint prefix::
 
     <writer>-step-00000120/...files...        the checkpoint's files (Trainer's format)
-    <writer>-step-00000120/MANIFEST.json      size + sha256 of every file: written after them
+    <writer>-step-00000120/MANIFEST.json      size + sha256 of every file, and the run's
+                                              data-order state: written after the files
     LATEST                                    pointer to the newest committed manifest: last
+    attempts/...                              one record per attempt (service.attempts)
 
 A checkpoint exists only once LATEST (or an older manifest that LATEST's history
 names) points at it; files without a manifest, and manifests whose files do not
@@ -12,34 +14,50 @@ match, are never resumed from. Every writer (one process of one pod) uses its ow
 directory names, and LATEST is only ever moved with a conditional write against the
 version this writer last saw, so a stale pod that outlived its replacement cannot
 move the pointer back (fencing): its write fails with 412 and it stops.
+
+LATEST is never overwritten unless it was read: one that cannot be read (damaged, or
+written by a newer format) stops the run before anything is claimed or pruned. One that
+is missing while checkpoints are there (moved aside by an operator) is rebuilt from the
+newest checkpoints whose MANIFEST verifies.
 """
 
 from __future__ import annotations
 
 import contextvars
 import json
+import re
 import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from service.errors import SpotloraError
+from service.errors import DependencyError, Superseded
 from service.storage import PreconditionFailed, Storage, sha256_file
 
 log = structlog.get_logger(__name__)
 
 POINTER_KEY = "LATEST"
 MANIFEST_NAME = "MANIFEST.json"
-FORMAT_VERSION = 1
+ATTEMPTS_PREFIX = "attempts/"
+FORMAT_VERSION = 1  # of MANIFEST.json
+# LATEST's format. Fields may be added within a format (readers ignore the ones they do not
+# know); a change that older readers would misread takes a new number, which they refuse.
+POINTER_FORMAT = 1
+_STEP_DIR = re.compile(r"^(?P<writer>.+)-step-(?P<step>\d{8})$")
+
+# Checks a downloaded checkpoint can be loaded; returns why not, or None.
+LoadCheck = Callable[[Path], "str | None"]
 
 
-class Fenced(SpotloraError):
-    """Another process took over this run; this one must stop writing."""
+class PointerUnreadable(DependencyError):
+    """LATEST is there but cannot be read. Retryable: a newer image, or an operator who
+    moves the damaged pointer aside, resolves it; this image must not overwrite it."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,41 @@ class Pointer:
     manifest: str | None  # key of the newest committed manifest, None before the first
     step: int
     history: list[str] = field(default_factory=list)  # older committed manifests, newest first
+    format: int = POINTER_FORMAT
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Pointer:
+        """Raise ValueError saying why it cannot be read."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"not JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        version = data.get("format", 1)  # pointers before the field was added are format 1
+        if version != POINTER_FORMAT:
+            raise ValueError(
+                f"pointer format {version!r}, this spotlora reads format {POINTER_FORMAT} "
+                "(written by another version?)"
+            )
+        try:
+            pointer = cls(
+                generation=int(data["generation"]),
+                owner=str(data["owner"]),
+                manifest=data["manifest"],
+                step=int(data["step"]),
+                history=list(data.get("history") or []),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"missing or malformed field {err}") from None
+        if pointer.manifest is not None and not isinstance(pointer.manifest, str):
+            raise ValueError("field 'manifest' is not a key")
+        if not all(isinstance(k, str) for k in pointer.history):
+            raise ValueError("field 'history' is not a list of keys")
+        return pointer
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
 
 
 @dataclass(frozen=True)
@@ -56,6 +109,7 @@ class Committed:
     step: int
     manifest_key: str
     files: dict[str, dict[str, Any]]
+    state: dict[str, Any] | None = None  # the run's data-order state (service.resume)
 
     @property
     def prefix(self) -> str:
@@ -74,31 +128,55 @@ class CheckpointStore:
     # -- reading ---------------------------------------------------------------
 
     def read_pointer(self) -> tuple[Pointer | None, str | None]:
+        """The pointer and its version tag; (None, None) when there is none."""
         info = self.storage.head(POINTER_KEY)
         if info is None:
             return None, None
-        raw = self.storage.read_bytes(POINTER_KEY)
         try:
-            data = json.loads(raw)
-            pointer = Pointer(**data)
-        except (ValueError, TypeError) as err:
-            log.warning("checkpoint_pointer_unreadable", error=str(err))
-            return None, info.etag
-        return pointer, info.etag
+            return Pointer.parse(self.storage.read_bytes(POINTER_KEY)), info.etag
+        except FileNotFoundError:
+            return None, None
+        except ValueError as err:
+            raise PointerUnreadable(
+                f"{self.storage.uri.rstrip('/')}/{POINTER_KEY} cannot be read: {err}. It is left "
+                "as it is and nothing is pruned. If another spotlora version wrote it, run that "
+                f"version; if it is damaged, move it aside (e.g. to {POINTER_KEY}.damaged) and "
+                "the next attempt rebuilds it from the newest checkpoint that verifies"
+            ) from None
+
+    def _listed_manifests(self) -> list[str]:
+        """Every manifest in storage, newest step first: for rebuilding a missing pointer."""
+        found = []
+        for obj in self.storage.list_objects():
+            prefix, _, name = obj.key.partition("/")
+            match = _STEP_DIR.match(prefix)
+            if name == MANIFEST_NAME and match:
+                found.append((int(match["step"]), obj.key))
+        return [key for _, key in sorted(found, reverse=True)]
+
+    def committed_keys(self) -> list[str]:
+        """Manifests to try, newest first: those the pointer names, or, with no pointer,
+        those found by listing."""
+        pointer, _ = self.read_pointer()
+        if pointer is None:
+            return self._listed_manifests()
+        return [k for k in [pointer.manifest, *pointer.history] if k]
 
     def verify(self, manifest_key: str) -> Committed | None:
-        """Load a manifest and check every file's size and checksum against storage."""
+        """Load a manifest and check every file's size against storage."""
         try:
             manifest = json.loads(self.storage.read_bytes(manifest_key))
+            files = manifest["files"]
+            step = int(manifest["step"])
         except FileNotFoundError:
             log.warning("checkpoint_manifest_missing", manifest=manifest_key)
             return None
-        except ValueError:
+        except (ValueError, KeyError, TypeError):
             log.warning("checkpoint_manifest_corrupt", manifest=manifest_key)
             return None
         prefix = manifest_key.rsplit("/", 1)[0]
         listed = {o.key: o.size for o in self.storage.list_objects(prefix + "/")}
-        for name, meta in manifest["files"].items():
+        for name, meta in files.items():
             size = listed.get(f"{prefix}/{name}")
             if size != meta["size"]:
                 log.warning(
@@ -109,10 +187,22 @@ class CheckpointStore:
                     found_bytes=size,
                 )
                 return None
-        return Committed(manifest["step"], manifest_key, manifest["files"])
+        return Committed(step, manifest_key, files, manifest.get("state"))
 
-    def download(self, committed: Committed, local_dir: Path) -> bool:
-        """Fetch and checksum every file; False (and nothing left behind) on a mismatch."""
+    def newest_verified(self) -> Committed | None:
+        """The newest committed checkpoint whose files are all there, without fetching them:
+        what the run would resume from, for checks made before anything is loaded."""
+        for key in self.committed_keys():
+            committed = self.verify(key)
+            if committed is not None:
+                return committed
+        return None
+
+    def download(
+        self, committed: Committed, local_dir: Path, check: LoadCheck | None = None
+    ) -> bool:
+        """Fetch, checksum and (with ``check``) test-load every file; False, with nothing
+        left behind, when any of that fails."""
         if local_dir.exists():
             shutil.rmtree(local_dir)
         local_dir.mkdir(parents=True)
@@ -125,28 +215,37 @@ class CheckpointStore:
                 )
                 shutil.rmtree(local_dir)
                 return False
+        problem = check(local_dir) if check is not None else None
+        if problem is not None:
+            log.warning("checkpoint_unloadable", manifest=committed.manifest_key, problem=problem)
+            shutil.rmtree(local_dir)
+            return False
         return True
 
-    def fetch_latest(self, local_dir: Path) -> Committed | None:
-        """Download the newest checkpoint that verifies, falling back to older ones."""
-        pointer, _ = self.read_pointer()
-        if pointer is None or pointer.manifest is None:
+    def fetch_latest(self, local_dir: Path, check: LoadCheck | None = None) -> Committed | None:
+        """Download the newest checkpoint that verifies and loads, falling back to older ones."""
+        keys = self.committed_keys()
+        if not keys:
             return None
-        for key in [pointer.manifest, *pointer.history]:
+        for key in keys:
             committed = self.verify(key)
-            if committed is not None and self.download(committed, local_dir):
-                if key != pointer.manifest:
-                    log.warning("checkpoint_fallback", newest=pointer.manifest, using=key)
+            if committed is not None and self.download(committed, local_dir, check):
+                if key != keys[0]:
+                    log.warning("checkpoint_fallback", newest=keys[0], using=key)
                 return committed
-        log.warning("checkpoint_none_usable", tried=[pointer.manifest, *pointer.history])
+        log.warning("checkpoint_none_usable", tried=keys)
         return None
 
     # -- writing ---------------------------------------------------------------
 
-    def claim(self) -> Pointer | None:
+    def claim(self, keep: int = 2) -> Pointer | None:
         """Take over the run: bump the pointer's generation so that any earlier writer's
-        next commit fails its precondition. Returns the pointer as found."""
+        next commit fails its precondition. Returns the pointer as found (rebuilt from the
+        checkpoints in storage when it was missing). An unreadable pointer raises
+        PointerUnreadable before anything is written."""
         found, tag = self.read_pointer()
+        if found is None:
+            found = self._rebuilt_pointer(keep)
         claimed = Pointer(
             generation=(found.generation + 1) if found else 1,
             owner=self.writer,
@@ -154,30 +253,62 @@ class CheckpointStore:
             step=found.step if found else 0,
             history=found.history if found else [],
         )
-        self._write_pointer(claimed, tag, fresh=found is None and tag is None)
+        self._write_pointer(claimed, tag, fresh=tag is None)
         return found
 
+    def _rebuilt_pointer(self, keep: int) -> Pointer | None:
+        verified = []
+        for key in self._listed_manifests():
+            committed = self.verify(key)
+            if committed is not None:
+                verified.append(committed)
+            if len(verified) == keep:
+                break
+        if not verified:
+            return None
+        newest = verified[0]
+        log.warning(
+            "checkpoint_pointer_rebuilt",
+            manifest=newest.manifest_key,
+            step=newest.step,
+            history=[c.manifest_key for c in verified[1:]],
+        )
+        return Pointer(
+            0, "", newest.manifest_key, newest.step, [c.manifest_key for c in verified[1:]]
+        )
+
     def _write_pointer(self, pointer: Pointer, expected_tag: str | None, *, fresh: bool) -> None:
-        data = json.dumps(asdict(pointer), indent=1).encode()
         try:
             if fresh:
-                tag = self.storage.write_bytes(POINTER_KEY, data, if_none_match=True)
+                tag = self.storage.write_bytes(POINTER_KEY, pointer.to_json(), if_none_match=True)
             else:
-                tag = self.storage.write_bytes(POINTER_KEY, data, if_match=expected_tag)
+                tag = self.storage.write_bytes(
+                    POINTER_KEY, pointer.to_json(), if_match=expected_tag
+                )
         except PreconditionFailed:
-            raise Fenced(
+            raise Superseded(
                 "another process has taken over this run (its checkpoint pointer moved); "
                 "this one stops without writing"
             ) from None
         self._pointer, self._pointer_tag = pointer, tag
 
-    def commit(self, local_dir: Path, step: int, keep: int) -> Committed:
+    def still_owner(self) -> bool:
+        """Whether LATEST still names this writer as its owner (checked in storage)."""
+        pointer, _ = self.read_pointer()
+        return pointer is None or pointer.owner == self.writer
+
+    def commit(
+        self, local_dir: Path, step: int, keep: int, state: dict[str, Any] | None = None
+    ) -> Committed:
         """Upload, then write the manifest, then move the pointer; then prune."""
         if self._pointer is None:
             raise RuntimeError("claim() the run before committing")
         prefix = f"{self.writer}-step-{step:08d}"
+        paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        if not paths:
+            raise FileNotFoundError(f"{local_dir}: no checkpoint files to commit")
         files: dict[str, dict[str, Any]] = {}
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        for path in paths:
             name = path.relative_to(local_dir).as_posix()
             files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
             self.storage.upload_file(path, f"{prefix}/{name}")
@@ -187,30 +318,33 @@ class CheckpointStore:
             "writer": self.writer,
             "created_unix": time.time(),
             "files": files,
+            "state": state,
         }
         manifest_key = f"{prefix}/{MANIFEST_NAME}"
         self.storage.write_bytes(
             manifest_key, json.dumps(manifest, indent=1).encode(), if_none_match=True
         )
         old = self._pointer
-        history = [k for k in [old.manifest, *old.history] if k][: max(keep - 1, 0)]
+        history = [k for k in [old.manifest, *old.history] if k and k != manifest_key]
+        history = history[: max(keep - 1, 0)]
         self._write_pointer(
             Pointer(old.generation, self.writer, manifest_key, step, history),
             self._pointer_tag,
             fresh=False,
         )
         self._prune(keep=[manifest_key, *history])
-        return Committed(step, manifest_key, files)
+        return Committed(step, manifest_key, files, state)
 
     def _prune(self, keep: list[str]) -> None:
-        """Delete everything the pointer no longer names. Safe only here, right after our
-        own commit: our claim fenced every earlier writer, so their uncommitted files can
-        never be committed, and we have no other upload in flight."""
+        """Delete the checkpoints the pointer no longer names. Safe only here, right after
+        our own commit: our claim fenced every earlier writer, so their uncommitted files
+        can never be committed, and we have no other upload in flight."""
         keep_prefixes = {k.rsplit("/", 1)[0] for k in keep}
         doomed = [
             o.key
             for o in self.storage.list_objects()
-            if o.key != POINTER_KEY and o.key.split("/", 1)[0] not in keep_prefixes
+            if _STEP_DIR.match(o.key.split("/", 1)[0])
+            and o.key.split("/", 1)[0] not in keep_prefixes
         ]
         if doomed:
             self.storage.delete(doomed)
@@ -219,62 +353,67 @@ class CheckpointStore:
 class BackgroundCommitter:
     """Commit checkpoints in a thread while training goes on. At most one upload is in
     flight; a new one first waits for the previous, so the order of commits is the order
-    of steps. Errors are kept and re-raised by wait()."""
+    of steps. A commit that fails is logged and counted, never fatal: the previous commit
+    stands, and the next one (or the finished adapter) carries the progress. Only losing
+    the run to another process (Superseded) stops it."""
 
     def __init__(self, store: CheckpointStore, keep: int) -> None:
         self.store = store
         self.keep = keep
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._superseded: Superseded | None = None
         self.last: Committed | None = None
-        self.last_upload_seconds = 0.0
-        self.last_upload_bytes = 0
-        self.on_commit: list[Any] = []
+        self.failures: list[dict[str, Any]] = []
+        self.on_commit: list[Callable[[Committed, float, int], None]] = []
+        self.on_failure: list[Callable[[int, str], None]] = []
 
-    def submit(self, local_dir: Path, step: int, *, remove_after: bool = True) -> None:
-        self.wait(raise_errors=False)
+    def submit(self, local_dir: Path, step: int, state: dict[str, Any] | None = None) -> None:
+        self.wait()
         # The upload logs with the run's bound identity (job, run id, rank).
         context = contextvars.copy_context()
         self._thread = threading.Thread(
             target=context.run,
-            args=(self._run, local_dir, step, remove_after),
+            args=(self._run, local_dir, step, state),
             name="checkpoint-commit",
             daemon=True,
         )
         self._thread.start()
 
-    def _run(self, local_dir: Path, step: int, remove_after: bool) -> None:
+    def _run(self, local_dir: Path, step: int, state: dict[str, Any] | None) -> None:
         start = time.monotonic()
         try:
             size = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file())
-            committed = self.store.commit(local_dir, step, self.keep)
+            committed = self.store.commit(local_dir, step, self.keep, state)
             self.last = committed
-            self.last_upload_seconds = time.monotonic() - start
-            self.last_upload_bytes = size
+            seconds = time.monotonic() - start
             log.info(
                 "checkpoint_committed",
                 step=step,
                 manifest=committed.manifest_key,
-                upload_seconds=round(self.last_upload_seconds, 3),
+                upload_seconds=round(seconds, 3),
                 upload_bytes=size,
             )
             for callback in self.on_commit:
-                callback(committed, self.last_upload_seconds, size)
-            if remove_after:
-                shutil.rmtree(local_dir, ignore_errors=True)
-        except BaseException as err:  # kept for the training thread to see
-            self._error = err
-            log.error("checkpoint_commit_failed", step=step, error=str(err))
+                callback(committed, seconds, size)
+            shutil.rmtree(local_dir, ignore_errors=True)
+        except Superseded as err:
+            self._superseded = err
+            log.error("checkpoint_commit_superseded", step=step, error=str(err))
+        except Exception as err:  # storage down after retries, disk full, ...
+            error = f"{type(err).__name__}: {err}"
+            self.failures.append({"step": step, "error": error, "time": time.time()})
+            log.error("checkpoint_commit_failed", step=step, error=error)
+            for failed in self.on_failure:
+                failed(step, error)
 
-    def wait(self, timeout_seconds: float | None = None, *, raise_errors: bool = True) -> bool:
-        """Wait for the upload in flight; True when none is left running."""
+    def wait(self, timeout_seconds: float | None = None) -> bool:
+        """Wait for the upload in flight; True when none is left running. Raises Superseded
+        once another process has taken the run over."""
         if self._thread is not None:
             self._thread.join(timeout_seconds)
             if self._thread.is_alive():
                 return False
             self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
-            if raise_errors or isinstance(err, Fenced):
-                raise err
+        if self._superseded is not None:
+            raise self._superseded
         return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,22 +96,15 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace) -> tuple[LoadedManifest, RuntimeSettings]:
     from service.manifest import load_manifest
     from service.settings import RuntimeSettings
-    from service.storage import read_text
 
     settings = RuntimeSettings()
-
-    def read_uri(uri: str) -> str:
-        try:
-            return read_text(uri)
-        except FileNotFoundError:
-            raise ManifestError(f"{uri}: manifest not found") from None
-
+    # The manifest is read by load_manifest's own bounded reader: size-checked before it is
+    # read whole (a HEAD first on S3), and decoded in one place.
     loaded = load_manifest(
         cli_manifest=args.manifest,
         env_inline=settings.manifest,
         env_uri=settings.manifest_uri,
         overrides=args.overrides,
-        read_uri=read_uri,
     )
     return loaded, settings
 
@@ -120,7 +114,17 @@ def show_runs(args: argparse.Namespace) -> ExitCode:
 
     from service.promotion import RunHistory
     from service.storage import open_storage
+    from service.uris import check_key_segment, check_storage_uri
 
+    try:
+        check_storage_uri(args.uri)
+    except ValueError as err:
+        raise ManifestError(f"runs {args.runs_command}: URI {args.uri!r}: {err}") from None
+    if args.runs_command == "show":
+        try:
+            check_key_segment(args.run_id)
+        except ValueError as err:
+            raise ManifestError(f"runs show: RUN {args.run_id!r}: {err}") from None
     history = RunHistory(open_storage(args.uri))
     if args.runs_command == "show":
         try:
@@ -183,9 +187,17 @@ def dispatch(args: argparse.Namespace) -> ExitCode:
     if args.command == "report":
         from service.report import write_report
         from service.storage import open_storage
+        from service.uris import check_storage_uri
 
+        try:
+            check_storage_uri(args.uri)
+        except ValueError as err:
+            raise ManifestError(f"report: URI {args.uri!r}: {err}") from None
         storage = open_storage(args.uri)
-        record = json.loads(storage.read_bytes("run.json"))
+        try:
+            record = json.loads(storage.read_bytes("run.json"))
+        except FileNotFoundError:
+            raise ManifestError(f"{args.uri}: no run.json (not a finished run's output)") from None
         out = Path(args.uri) if not args.uri.startswith("s3://") else Path.cwd()
         for path in write_report(record, out):
             if args.uri.startswith("s3://"):
@@ -206,46 +218,79 @@ def dispatch(args: argparse.Namespace) -> ExitCode:
     return execute(loaded, settings)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from service.preemption import catch_early_signals
+def say(text: str) -> None:
+    """The one-line error for a person: every line prefixed, control characters escaped, so a
+    value from a manifest or a path cannot forge a log event or drive the terminal."""
+    from service.logging import escape_controls
 
-    catch_early_signals()
+    for line in str(text).split("\n"):
+        sys.stderr.write(f"spotlora: {escape_controls(line)}\n")
+
+
+# Commands that run a job: a SIGTERM while their libraries import (seconds, as PID 1) is
+# kept for the run to handle as a preemption. Every other command keeps the default
+# handlers, so Ctrl-C stops it.
+JOB_COMMANDS = ("run", "launch")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in JOB_COMMANDS:
+        from service.preemption import catch_early_signals
+
+        catch_early_signals()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str]) -> int:
     from service.logging import configure_logging
     from service.settings import RuntimeSettings
 
     try:
         settings = RuntimeSettings()
     except Exception as err:  # a malformed SPOTLORA_* variable
-        sys.stderr.write(f"spotlora: invalid environment: {err}\n")
+        say(f"invalid environment: {err}")
         return ExitCode.INVALID_INPUT
     # Values to scrub from every log line, whatever key or library carries them.
     given = [os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
-    if settings.hf_token:
-        given.append(settings.hf_token.get_secret_value())
+    for secret in (settings.hf_token, settings.pushgateway_password):
+        if secret is not None:
+            given.append(secret.get_secret_value())
     secrets = tuple(s for s in given if s)
     configure_logging(settings.log_format, settings.log_level, secrets)
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # torchrun's own flags follow: no parsing of ours
         from service.distributed import launch
 
         try:
             return launch(argv[1:])
         except SpotloraError as err:
-            sys.stderr.write(f"spotlora: {err}\n")
+            say(str(err))
             return err.exit_code
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:
         return ExitCode.OK if exit_.code == 0 else ExitCode.INVALID_INPUT
+    code = _dispatch_reporting(args)
+    if args.command == "run":
+        from service.distributed import record_outcome
+
+        record_outcome(code)
+    return code
+
+
+def _dispatch_reporting(args: argparse.Namespace) -> int:
     try:
-        code = dispatch(args)
+        return dispatch(args)
     except SpotloraError as err:
         log.error(
             "job_failed", error=str(err), exit_code=int(err.exit_code), outcome=type(err).__name__
         )
-        sys.stderr.write(f"spotlora: {err}\n")
+        say(str(err))
         return err.exit_code
     except Exception:
         log.exception("job_crashed", exit_code=int(ExitCode.UNEXPECTED))
         return ExitCode.UNEXPECTED
-    return code

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
@@ -102,25 +103,69 @@ def broadcast(value: object) -> object:
     return box[0]
 
 
+def gather_to_main(value: object) -> list[object] | None:
+    """Every rank's value, in rank order, on rank 0 (None elsewhere)."""
+    if not _initialized():
+        return [value]
+    import torch.distributed as dist
+
+    out: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
 def launcher_exit_code(worker_codes: Sequence[int]) -> ExitCode:
     """One exit code for the pod from its workers': the most specific non-zero wins, and a
-    preemption (75) only when no rank failed for another reason."""
+    preemption only when no rank failed for another reason (75 when any rank saw progress)."""
     failed = [c for c in worker_codes if c != 0]
     if not failed:
         return ExitCode.OK
-    for code in (ExitCode.INVALID_INPUT, ExitCode.DATA_UNUSABLE, ExitCode.DEPENDENCY_UNREACHABLE):
+    for code in (
+        ExitCode.INVALID_INPUT,
+        ExitCode.DATA_UNUSABLE,
+        ExitCode.PUBLICATION_CONFLICT,
+        ExitCode.SUPERSEDED,
+        ExitCode.DEPENDENCY_UNREACHABLE,
+    ):
         if code in failed:
             return code
-    if all(c == ExitCode.PREEMPTED for c in failed):
-        return ExitCode.PREEMPTED
+    preempted = (ExitCode.PREEMPTED, ExitCode.PREEMPTED_NO_PROGRESS)
+    if all(c in preempted for c in failed):
+        if ExitCode.PREEMPTED in failed:
+            return ExitCode.PREEMPTED
+        return ExitCode.PREEMPTED_NO_PROGRESS
     return ExitCode.UNEXPECTED
+
+
+# The launcher's workers report rank 0's outcome here: when the launcher itself is signalled,
+# torchrun stops the workers and keeps no exit codes.
+OUTCOME_FILE_ENV = "SPOTLORA_OUTCOME_FILE"
+
+
+def record_outcome(code: int) -> None:
+    """Rank 0 of a launched run leaves its exit code for the launcher."""
+    path = os.environ.get(OUTCOME_FILE_ENV)
+    if path and ranks_from_env().is_main:
+        try:
+            Path(path).write_text(str(int(code)))
+        except OSError as err:
+            log.warning("outcome_not_recorded", error=str(err))
+
+
+def _recorded_outcome(path: Path) -> ExitCode:
+    try:
+        return ExitCode(int(path.read_text().strip()))
+    except (OSError, ValueError):
+        return ExitCode.PREEMPTED  # workers stopped before rank 0 could say: resume
 
 
 def launch(argv: Sequence[str]) -> ExitCode:
     """``spotlora launch [torchrun flags] -- run --manifest ...``: torchrun, with the
     service's exit codes. A SIGTERM to the launcher is forwarded by torchrun to every worker,
-    which commit one checkpoint and exit; the launcher then exits 75 (resuming from the last
-    committed checkpoint is right whether or not the final commit made it in time)."""
+    which commit one checkpoint and exit; the launcher then exits with rank 0's outcome
+    (75 or 76 by whether it committed progress)."""
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser
@@ -133,14 +178,18 @@ def launch(argv: Sequence[str]) -> ExitCode:
         raise ManifestError("usage: spotlora launch [torchrun flags] -- run --manifest FILE")
     split = argv.index("--")
     args = get_args_parser().parse_args([*argv[:split], "-m", "service", *argv[split + 1 :]])
-    try:
-        torchrun(args)
-    except ChildFailedError as err:
-        codes = [f.exitcode for f in err.failures.values()]
-        code = launcher_exit_code(codes)
-        log.warning("workers_failed", exit_codes=codes, exit_code=int(code))
-        return code
-    except SignalException as err:
-        log.warning("launcher_signalled", signal=str(err.sigval))
-        return ExitCode.PREEMPTED
+    with tempfile.TemporaryDirectory(prefix="spotlora-launch-") as tmp:
+        outcome = Path(tmp) / "outcome"
+        os.environ[OUTCOME_FILE_ENV] = str(outcome)
+        try:
+            torchrun(args)
+        except ChildFailedError as err:
+            codes = [f.exitcode for f in err.failures.values()]
+            code = launcher_exit_code(codes)
+            log.warning("workers_failed", exit_codes=codes, exit_code=int(code))
+            return code
+        except SignalException as err:
+            code = _recorded_outcome(outcome)
+            log.warning("launcher_signalled", signal=str(err.sigval), exit_code=int(code))
+            return code
     return ExitCode.OK

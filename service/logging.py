@@ -32,6 +32,23 @@ REDACTED = "**redacted**"
 NOISY_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "fsspec", "httpx")
 
 
+# C0 and C1 control characters and DEL; tab stays.
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as visible escapes (\\n, \\x1b): for every line a person reads,
+    where a newline or an ANSI sequence in a value could forge a line or repaint a terminal."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _escape_values(logger: Any, name: str, event_dict: EventDict) -> EventDict:
+    return {
+        k: escape_controls(v) if isinstance(v, str) and k != "exception" else v
+        for k, v in event_dict.items()
+    }
+
+
 def _redact_text(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         text = text.replace(secret, REDACTED)
@@ -87,7 +104,7 @@ def configure_logging(
             structlog.processors.JSONRenderer(),
         ]
     else:
-        final = [Redactor(secrets), structlog.dev.ConsoleRenderer()]
+        final = [Redactor(secrets), _escape_values, structlog.dev.ConsoleRenderer()]
 
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -39,6 +39,7 @@ from prometheus_client import (
     pushadd_to_gateway,
     start_http_server,
 )
+from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.registry import Collector
 from transformers import (
     PrinterCallback,
@@ -48,6 +49,8 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+
+from service.uris import without_userinfo
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +77,7 @@ class Phase(StrEnum):
     CHECKPOINTING = "checkpointing"
     EXPORTING = "exporting"
     DONE = "done"
+    PREEMPTED = "preempted"  # stopped early to be resumed: not a failure
     FAILED = "failed"
 
 
@@ -94,10 +98,12 @@ class JobMetrics:
         *,
         pushgateway_url: str | None = None,
         push_timeout_seconds: float = PUSH_TIMEOUT_SECONDS,
+        pushgateway_username: str | None = None,
+        pushgateway_password: str | None = None,
     ) -> None:
         self.job_name = job_name
         self.registry = registry if registry is not None else CollectorRegistry()
-        # Only ever pushed together with `registry`, and only by finish(success=True): a push of
+        # Only ever pushed together with `registry`, and only by finish(Phase.DONE): a push of
         # `registry` alone (a failed or preempted run) then leaves the gateway's previous value.
         self.success_registry = CollectorRegistry()
         r = self.registry
@@ -202,6 +208,11 @@ class JobMetrics:
         self.checkpoints_committed = Counter(
             "spotlora_checkpoints_committed", "Checkpoints committed.", registry=r
         )
+        self.checkpoint_failures = Counter(
+            "spotlora_checkpoint_commit_failures",
+            "Checkpoints whose upload or commit failed (the previous commit stands).",
+            registry=r,
+        )
         self.last_checkpoint_time = Gauge(
             "spotlora_checkpoint_last_committed_timestamp_seconds",
             "Unix time of the last committed checkpoint; 0 until the first one.",
@@ -242,7 +253,9 @@ class JobMetrics:
         self.phase.state(Phase.LOADING.value)
         self.job_start_time.set(time.time())
         self.build_info.info({f"{name}_version": _package_version(name) for name in BUILD_PACKAGES})
-        self._current_phase = Phase.LOADING
+        # None until the run sets its first phase, which is always pushed: a new pod's
+        # "loading" replaces what the previous pod of the same job left on the gateway.
+        self._current_phase: Phase | None = None
         self._lock = threading.Lock()
         self._server: Any = None
         self._server_thread: threading.Thread | None = None
@@ -253,6 +266,8 @@ class JobMetrics:
                 self.registry,
                 self.success_registry,
                 push_timeout_seconds,
+                username=pushgateway_username,
+                password=pushgateway_password,
             )
             if pushgateway_url
             else None
@@ -295,7 +310,7 @@ class JobMetrics:
 
     @property
     def current_phase(self) -> Phase:
-        return self._current_phase
+        return self._current_phase or Phase.LOADING
 
     def set_info(self, *, model: str, manifest_sha256: str, **labels: str) -> None:
         """Describe the job: one series per job, so bounded values only (no run id)."""
@@ -304,6 +319,10 @@ class JobMetrics:
     def checkpoint_saved(self, step: int, blocking_seconds: float) -> None:
         self.checkpoint_save.observe(blocking_seconds)
         log.debug("checkpoint_saved_metrics", step=step, blocking_seconds=blocking_seconds)
+
+    def checkpoint_failed(self, step: int, error: str) -> None:
+        self.checkpoint_failures.inc()
+        self.push()
 
     def checkpoint_committed(self, step: int, upload_seconds: float, upload_bytes: int) -> None:
         self.checkpoint_upload.observe(upload_seconds)
@@ -344,18 +363,22 @@ class JobMetrics:
         except Exception as exc:  # telemetry must never stop training
             log.debug("gpu_sample_failed", error=str(exc))
 
-    def finish(self, success: bool, wait_seconds: float | None = None) -> None:
-        """Record the outcome and push it, waiting at most `wait_seconds` for the gateway.
+    def finish(self, outcome: Phase | None, wait_seconds: float | None = None) -> None:
+        """Record how the run ended (DONE, PREEMPTED or FAILED) and push it, waiting at most
+        `wait_seconds` for the gateway. None pushes nothing: a process that lost its run to a
+        newer pod must not overwrite that pod's state on the gateway.
 
-        The last-success timestamp is set (and pushed) only on success; on failure it is
-        left out of the push, so the gateway keeps the previous success.
+        The last-success timestamp is set (and pushed) only on DONE; otherwise it is left out
+        of the push, so the gateway keeps the previous success.
         """
+        if outcome is None:
+            return
+        success = outcome is Phase.DONE
         if success:
             self.last_success.set(time.time())
-        phase = Phase.DONE if success else Phase.FAILED
         with self._lock:
-            self._current_phase = phase
-        self.phase.state(phase.value)
+            self._current_phase = outcome
+        self.phase.state(outcome.value)
         if self._pusher is not None:
             generation = self._pusher.request(include_success=success)
             timeout = self._pusher.timeout_seconds * 2 if wait_seconds is None else wait_seconds
@@ -416,6 +439,10 @@ class _Pusher:
     Requests coalesce: metric values are read when the push happens, so ten requests made while
     one push hangs become a single push of the latest values. The thread is a daemon, so even a
     push stuck in DNS cannot keep the process from exiting.
+
+    Basic auth goes through prometheus_client's own handler; credentials never come in the URL
+    (urllib would take ``user:password@host`` for a host name), and the URL is logged without
+    any, should a caller pass one anyway.
     """
 
     def __init__(
@@ -425,8 +452,14 @@ class _Pusher:
         registry: CollectorRegistry,
         success_registry: CollectorRegistry,
         timeout_seconds: float,
+        *,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
+        if (username is None) != (password is None):
+            raise ValueError("Pushgateway basic auth needs both a username and a password")
         self.url = url
+        self._handler = default_handler if username is None else _basic_auth(username, password)
         self.grouping_key = {"spotlora_job": job_name}
         self.timeout_seconds = timeout_seconds
         self._registry = registry
@@ -479,9 +512,21 @@ class _Pusher:
                 registry=self._with_success if include_success else self._registry,
                 grouping_key=self.grouping_key,
                 timeout=self.timeout_seconds,
+                handler=self._handler,
             )
         except Exception as exc:  # a monitoring outage must never fail the job
-            log.warning("pushgateway_push_failed", url=self.url, error=str(exc))
+            log.warning("pushgateway_push_failed", url=without_userinfo(self.url), error=str(exc))
+
+
+def _basic_auth(username: str | None, password: str | None) -> Callable[..., Callable[[], None]]:
+    """prometheus_client's basic-auth handler with the credentials bound, held only here."""
+
+    def handler(
+        url: str, method: str, timeout: float | None, headers: list[Any], data: bytes
+    ) -> Callable[[], None]:
+        return basic_auth_handler(url, method, timeout, headers, data, username, password)
+
+    return handler
 
 
 # -- the training loop side ---------------------------------------------------------------

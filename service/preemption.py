@@ -98,6 +98,13 @@ class PreemptionWatcher:
         for listener in self.listeners:
             listener(reason)
 
+    @property
+    def requested_unix(self) -> float | None:
+        """Wall-clock time of the first trigger."""
+        if self.requested_at is None:
+            return None
+        return time.time() - (time.monotonic() - self.requested_at)
+
     def seconds_left(self) -> float:
         """Of the grace budget; infinite before any trigger."""
         if self.requested_at is None:

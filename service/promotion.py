@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from service.errors import SpotloraError
+from service.errors import PublicationConflict
 from service.manifest.spec import JobSpec
 from service.storage import PreconditionFailed, Storage
 
@@ -83,7 +83,12 @@ class RunHistory:
         return [json.loads(self.storage.read_bytes(k)) for k in keys]
 
     def append(self, entry: dict[str, Any]) -> None:
-        key = f"{INDEX_PREFIX}/{int(entry['started_unix'] * 1000):015d}-{entry['run_id']}.json"
+        """Idempotent by run id: a restarted pod that finds its run done repairs a missing
+        line and leaves a present one alone."""
+        suffix = f"-{entry['run_id']}.json"
+        if any(o.key.endswith(suffix) for o in self.storage.list_objects(f"{INDEX_PREFIX}/")):
+            return
+        key = f"{INDEX_PREFIX}/{int(entry['started_unix'] * 1000):015d}{suffix}"
         try:
             self.storage.write_bytes(key, json.dumps(entry, indent=1).encode(), if_none_match=True)
         except PreconditionFailed:
@@ -107,7 +112,7 @@ class RunHistory:
             else:
                 self.storage.write_bytes(PUBLISHED_KEY, data, if_match=expected_tag)
         except PreconditionFailed:
-            raise SpotloraError(
+            raise PublicationConflict(
                 "PUBLISHED moved while this run was deciding; another run published first. "
                 "This run's outputs are kept under runs/; it is not promoted."
             ) from None

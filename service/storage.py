@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
 
 import structlog
 
 from service.errors import DependencyError
+from service.uris import parse_s3_uri
 
 log = structlog.get_logger(__name__)
 
@@ -82,27 +82,18 @@ def uri_join(base: str, *parts: str) -> str:
 def open_storage(uri: str) -> Storage:
     if uri.startswith("s3://"):
         return S3Storage(uri)
-    if "://" in uri:
-        raise DependencyError(f"unsupported storage URI {uri!r}: use a local path or s3://")
+    if "://" in uri:  # the manifest and the CLI refuse other schemes where they enter
+        raise ValueError(f"unsupported storage URI {uri!r}: use a local path or s3://")
     return LocalStorage(Path(uri).expanduser())
 
 
-def read_text(uri: str) -> str:
-    """Read one file given as a local path or an s3:// URI (manifests, small inputs)."""
-    if uri.startswith("s3://"):
-        bucket, key = split_s3_uri(uri)
-        return S3Storage(f"s3://{bucket}/").read_bytes(key).decode()
-    path = Path(uri).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{uri}: no such file")
-    return path.read_text()
-
-
 def split_s3_uri(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise DependencyError(f"not an s3:// URI: {uri!r}")
-    return parsed.netloc, parsed.path.lstrip("/")
+    """Bucket and key. URIs from users are checked where they enter (the manifest, the CLI);
+    one that fails here is a bug, not bad input."""
+    try:
+        return parse_s3_uri(uri)
+    except ValueError as err:
+        raise ValueError(f"{uri!r}: {err}") from None
 
 
 # --------------------------------------------------------------------------- local
@@ -301,15 +292,34 @@ class S3Storage:
             extra["IfNoneMatch"] = "*"
         if if_match is not None:
             extra["IfMatch"] = if_match
-        resp = self._call(
-            "write",
-            self.client.put_object,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            Body=data,
-            **extra,
-        )
+        try:
+            resp = self._call(
+                "write",
+                self.client.put_object,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                **extra,
+            )
+        except PreconditionFailed:
+            # botocore retries a write whose response was lost; the retry of a conditional
+            # write then meets its own first attempt. What is there decides: the bytes this
+            # process meant to write mean success, anything else a real conflict.
+            tag = self._tag_if_holding(key, data)
+            if tag is None:
+                raise
+            log.info("s3_conditional_write_already_applied", key=self._key(key))
+            return tag
         return resp["ETag"]
+
+    def _tag_if_holding(self, key: str, data: bytes) -> str | None:
+        try:
+            resp = self._call(
+                "read", self.client.get_object, Bucket=self.bucket, Key=self._key(key)
+            )
+        except FileNotFoundError:
+            return None
+        return str(resp["ETag"]) if resp["Body"].read() == data else None
 
     def upload_file(self, local: Path, key: str) -> None:
         self._call(
@@ -325,7 +335,7 @@ class S3Storage:
         from boto3.exceptions import S3TransferFailedError
 
         local.parent.mkdir(parents=True, exist_ok=True)
-        part = local.with_name(local.name + ".part")
+        part = local.with_name(f"{local.name}.{os.getpid()}.part")
         try:
             self._call(
                 "download",
@@ -379,6 +389,7 @@ class S3Storage:
 
 
 CACHE_INDEX = ".spotlora-etags.json"
+CACHE_LOCK = ".spotlora-fetch.lock"
 
 
 def fetch_cached(store: Storage, objects: list[ObjectInfo], target: Path) -> list[ObjectInfo]:
@@ -387,23 +398,48 @@ def fetch_cached(store: Storage, objects: list[ObjectInfo], target: Path) -> lis
     matches costs only the listing. Returns the objects that were downloaded."""
     from concurrent.futures import ThreadPoolExecutor
 
-    index_path = target / CACHE_INDEX
-    etags: dict[str, str] = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    todo = [
-        o
-        for o in objects
-        if etags.get(o.key) != o.etag
-        or not (target / o.key).is_file()
-        or (target / o.key).stat().st_size != o.size
-    ]
-    if todo:
-        with ThreadPoolExecutor(TRANSFER_CONCURRENCY) as pool:
-            list(pool.map(lambda o: store.download_file(o.key, target / o.key), todo))
-        etags.update({o.key: o.etag for o in todo})
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(etags, indent=1))
-        os.replace(tmp, index_path)
+    target.mkdir(parents=True, exist_ok=True)
+    # The ranks of one node share its cache: the first to take the lock downloads, the others
+    # then find the cache current. Never two writers on one path.
+    with _file_lock(target / CACHE_LOCK):
+        index_path = target / CACHE_INDEX
+        etags: dict[str, str] = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        todo = [
+            o
+            for o in objects
+            if etags.get(o.key) != o.etag
+            or not (target / o.key).is_file()
+            or (target / o.key).stat().st_size != o.size
+        ]
+        if todo:
+            with ThreadPoolExecutor(TRANSFER_CONCURRENCY) as pool:
+                list(pool.map(lambda o: store.download_file(o.key, target / o.key), todo))
+            etags.update({o.key: o.etag for o in todo})
+            tmp = index_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(etags, indent=1))
+            os.replace(tmp, index_path)
     return todo
+
+
+class _file_lock:
+    """An advisory lock (flock) held for the block: released by the kernel when the
+    process dies, so a SIGKILL never leaves a cache locked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
 
 
 def download_prefix(storage: Storage, local_dir: Path) -> Path:

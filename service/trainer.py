@@ -4,12 +4,13 @@ that turns checkpoint schedules and preemption requests into safe stopping point
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import structlog
 from transformers import (
@@ -21,14 +22,16 @@ from transformers import (
 )
 
 from service.checkpoint import BackgroundCommitter
-from service.distributed import Ranks, any_rank, barrier, ranks_from_env
+from service.distributed import Ranks, any_rank, barrier, gather_to_main, ranks_from_env
 from service.errors import DataError
 from service.manifest.spec import JobSpec
 from service.preemption import PreemptionWatcher
+from service.resume import ResumePlan, fit_micro_batch
 
 log = structlog.get_logger(__name__)
 
 RNG_STATE_FILE = "rng_state.pth"
+TRAINING_ARGS_FILE = "training_args.bin"
 # Finish the optimizer step in progress only if that is expected to take at most this
 # share of the grace budget; otherwise checkpoint the previous step's state at once.
 FINISH_STEP_BUDGET_SHARE = 1 / 3
@@ -46,7 +49,9 @@ def build_trainer(
     work_dir: Path,
     callbacks: list[TrainerCallback],
     show_progress_bar: bool,
+    plan: ResumePlan | None = None,
 ) -> Any:
+    """``plan`` carries the micro-batch and accumulation a resumed run must keep."""
     import datasets
     from trl import SFTConfig
 
@@ -54,7 +59,8 @@ def build_trainer(
 
     t = spec.training
     upcast_trainable_to_fp32(model)
-    batch_size = resolve_batch_size(spec, model, on_cpu=on_cpu)
+    plan = plan or ResumePlan(None, t.gradient_accumulation)
+    batch_size, accumulation = choose_batch(spec, model, on_cpu=on_cpu, plan=plan)
     # Packing is done here, not by trl: trl's packing turns on its padding-free mode, which
     # concatenates a whole micro-batch into one row. Without FlashAttention (a T4 has none)
     # attention then runs over the full concatenation with a block-diagonal mask, quadratic
@@ -63,7 +69,7 @@ def build_trainer(
         output_dir=str(work_dir),
         per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -118,6 +124,26 @@ def build_trainer(
     if spec.data.packing:
         pack_datasets(trainer, spec.data.max_length)
     return trainer
+
+
+def choose_batch(spec: JobSpec, model: Any, *, on_cpu: bool, plan: ResumePlan) -> tuple[int, int]:
+    """Micro-batch and accumulation: the resumed checkpoint's when there is one (split
+    further, order kept, when its micro-batch does not fit this GPU), else the manifest's."""
+    if plan.micro_batch is None:
+        return resolve_batch_size(spec, model, on_cpu=on_cpu), plan.gradient_accumulation
+    if spec.training.batch_size != "auto" or on_cpu:
+        return plan.micro_batch, plan.gradient_accumulation
+    fits = resolve_batch_size(spec, model, on_cpu=on_cpu)
+    micro, accumulation = fit_micro_batch(plan.micro_batch, plan.gradient_accumulation, fits)
+    if micro != plan.micro_batch:
+        log.warning(
+            "resume_batch_split_to_fit",
+            recorded_micro_batch=plan.micro_batch,
+            fits=fits,
+            micro_batch=micro,
+            gradient_accumulation=accumulation,
+        )
+    return micro, accumulation
 
 
 def resolve_batch_size(spec: JobSpec, model: Any, *, on_cpu: bool) -> int:
@@ -272,8 +298,19 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+class SafePointListener(Protocol):
+    """What the run does around a checkpoint: phase, metrics, the attempt's heartbeat."""
+
+    def checkpoint_started(self) -> None: ...
+
+    def checkpoint_saved(self, step: int, blocking_seconds: float) -> None: ...
+
+    def step_ended(self, step: int) -> None: ...
+
+
 class SafePointCallback(TrainerCallback):
-    """Decides at each step and micro-batch boundary whether to checkpoint or stop.
+    """Decides at each step and micro-batch boundary whether to checkpoint or stop, and
+    owns the stop: which step is saved, and handing it to the committer.
 
     Periodic checkpoints: Trainer writes the snapshot (the blocking part), then the
     committer uploads it in the background. On a preemption request: finish the current
@@ -289,7 +326,7 @@ class SafePointCallback(TrainerCallback):
         committer: BackgroundCommitter,
         watcher: PreemptionWatcher,
         work_dir: Path,
-        on_checkpoint_saved: Any = None,
+        listener: SafePointListener | None = None,
         ranks: Ranks | None = None,
     ) -> None:
         self.ranks = ranks or Ranks()
@@ -298,9 +335,11 @@ class SafePointCallback(TrainerCallback):
         self.committer = committer
         self.watcher = watcher
         self.work_dir = work_dir
-        self.on_checkpoint_saved = on_checkpoint_saved
+        self.listener = listener
+        self.order_state: dict[str, Any] | None = None  # committed with every checkpoint
         self.stop = StopState()
         self.step_rng: dict[str, Any] | None = None
+        self.step_ended_unix: dict[int, float] = {}
         self._last_save_time = time.monotonic()
         self.last_saved_step = -1
         self._save_requested_at: float | None = None
@@ -311,6 +350,7 @@ class SafePointCallback(TrainerCallback):
 
     def mark_resumed(self, step: int) -> None:
         self.last_saved_step = step
+        self.step_ended_unix[step] = time.time()
 
     # -- timing of micro-batches, for the finish-or-stop decision ---------------
 
@@ -321,6 +361,12 @@ class SafePointCallback(TrainerCallback):
             elapsed if self._micro_seconds == 0 else (0.8 * self._micro_seconds + 0.2 * elapsed)
         )
         self._micro_started = now
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # Work lost by a stop is counted from the last committed step: the start, until one.
+        self.step_ended_unix[state.global_step] = time.time()
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -354,6 +400,9 @@ class SafePointCallback(TrainerCallback):
         self._tick()
         self.step_rng = capture_rng_state()
         step = state.global_step
+        self.step_ended_unix[step] = time.time()
+        if self.listener is not None:
+            self.listener.step_ended(step)
         time_due = bool(
             self.every_seconds and time.monotonic() - self._last_save_time >= self.every_seconds
         )
@@ -368,7 +417,12 @@ class SafePointCallback(TrainerCallback):
         ):
             control.should_save = True
         if control.should_save:
-            self._save_requested_at = time.monotonic()
+            self._save_started()
+
+    def _save_started(self) -> None:
+        self._save_requested_at = time.monotonic()
+        if self.listener is not None:
+            self.listener.checkpoint_started()
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -378,9 +432,11 @@ class SafePointCallback(TrainerCallback):
 
     def submit(self, folder: Path, step: int) -> None:
         """Move the snapshot out of Trainer's way (a rename) and hand it to the committer.
-        Every rank has written its part (its RNG state) once all pass the barrier; rank 0
-        alone commits."""
+        Rank 0 alone commits, so it first gathers every rank's RNG state: on several nodes
+        the other ranks wrote theirs to their own node's disk."""
         barrier()
+        if self.ranks.distributed:
+            self._gather_rng_files(folder)
         if not self.ranks.is_main:
             self.last_saved_step = step
             self._last_save_time = time.monotonic()
@@ -392,28 +448,59 @@ class SafePointCallback(TrainerCallback):
         self._last_save_time = time.monotonic()
         self.last_saved_step = step
         log.info("checkpoint_saved", step=step, blocking_seconds=round(blocking, 3))
-        if self.on_checkpoint_saved is not None:
-            self.on_checkpoint_saved(step, blocking)
-        self.committer.submit(staged, step)
+        if self.listener is not None:
+            self.listener.checkpoint_saved(step, blocking)
+        self.committer.submit(staged, step, self.order_state)
+
+    def _gather_rng_files(self, folder: Path) -> None:
+        name = f"rng_state_{self.ranks.rank}.pth"
+        own = (folder / name).read_bytes() if (folder / name).is_file() else None
+        gathered = cast(list[tuple[str, bytes | None]] | None, gather_to_main((name, own)))
+        for rank_name, data in gathered or []:
+            if data is not None and not (folder / rank_name).is_file():
+                (folder / rank_name).write_bytes(data)
+
+    def save_stopped_step(self, trainer: Any) -> None:
+        """After a mid-step stop: snapshot the last completed step. The weights, optimizer,
+        scheduler and trainer state in memory are still that step's (the partial step only
+        accumulated gradients); the RNG state is replaced by the one kept at that step.
+        Trainer has no public "save a checkpoint now"; _save_checkpoint is what its own
+        save strategy calls."""
+        import torch
+
+        step = trainer.state.global_step
+        if step <= self.last_saved_step:
+            return
+        trainer.model.zero_grad(set_to_none=True)
+        self._save_started()
+        trainer._save_checkpoint(trainer.model, None)
+        folder = Path(str(trainer.args.output_dir)) / f"checkpoint-{step}"
+        if self.step_rng is not None:
+            # Trainer's names: one file per process when distributed.
+            name = f"rng_state_{self.ranks.rank}.pth" if self.ranks.distributed else RNG_STATE_FILE
+            torch.save(self.step_rng, folder / name)
+        self.submit(folder, step)
 
 
-def save_previous_step(trainer: Any, callback: SafePointCallback) -> None:
-    """After a mid-step stop: snapshot the last completed step. The weights, optimizer,
-    scheduler and trainer state in memory are still that step's (the partial step only
-    accumulated gradients); the RNG state is replaced by the one kept at that step."""
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a downloaded checkpoint cannot be loaded, or None. Its checksums only prove it is
+    what was committed; a file truncated before it was hashed, or a pickle that torch's safe
+    loader refuses, would otherwise fail the resume itself."""
     import torch
+    from safetensors.torch import load_file
+    from transformers.trainer_pt_utils import safe_globals
 
-    step = trainer.state.global_step
-    trainer.model.zero_grad(set_to_none=True)
-    callback._save_requested_at = time.monotonic()
-    trainer._save_checkpoint(trainer.model, None)
-    folder = Path(str(trainer.args.output_dir)) / f"checkpoint-{step}"
-    if callback.step_rng is not None:
-        # Trainer's names: one file per process when distributed.
-        name = (
-            f"rng_state_{callback.ranks.rank}.pth"
-            if callback.ranks.distributed
-            else (RNG_STATE_FILE)
-        )
-        torch.save(callback.step_rng, folder / name)
-    callback.submit(folder, step)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name == TRAINING_ARGS_FILE:
+            continue  # Trainer writes it for people to read, and never loads it back
+        try:
+            if path.suffix == ".safetensors":
+                load_file(path)
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with safe_globals():
+                    torch.load(path, map_location="cpu", weights_only=True)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:
+            return f"{path.relative_to(folder)}: {type(err).__name__}: {err}"
+    return None

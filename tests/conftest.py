@@ -91,3 +91,17 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from service.samples import write_synthetic_task
 
     return write_synthetic_task(tmp_path_factory.mktemp("data") / "train.jsonl", n=48, seed=3)
+
+
+from tests.s3faults import FaultProxy  # noqa: E402 - appended with its fixture
+
+
+@pytest.fixture
+def s3_faults(s3_server: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the session's moto server (tests/s3faults.py).
+
+    It starts clean (``p`` 0, no rules): a test adds rules or calls ``configure(p=...)``.
+    Point a client at ``.endpoint``, e.g. ``job_env(..., AWS_ENDPOINT_URL_S3=proxy.endpoint)``;
+    the session's own AWS_ENDPOINT_URL_S3 still names moto directly, for setup and checks."""
+    with FaultProxy(s3_server, p=0.0, seed=0) as proxy:
+        yield proxy

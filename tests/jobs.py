@@ -97,9 +97,11 @@ def run_job(
     interrupt: Callable[[dict[str, Any]], int | tuple[int, float] | None] | None = None,
     kill_after_seconds: float | None = None,
     signal_after: tuple[int, float] | None = None,
+    started: Callable[[subprocess.Popen[str]], None] | None = None,
 ) -> Finished:
     """Run ``entrypoint.py ARGS``; ``interrupt`` sees each log event and may return a signal
-    to send at that moment, or (signal, delay in seconds) to send it later."""
+    to send at that moment, or (signal, delay in seconds) to send it later. ``started`` gets
+    the process, for a test that must stop and continue it around a change of its own."""
     proc = subprocess.Popen(
         [sys.executable, str(ENTRYPOINT), *args],
         env=env,
@@ -108,6 +110,8 @@ def run_job(
         text=True,
         cwd=REPO,
     )
+    if started is not None:
+        started(proc)
     assert proc.stderr is not None
     lines: list[str] = []
     sent: list[tuple[str, float]] = []

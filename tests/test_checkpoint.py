@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from service.checkpoint import MANIFEST_NAME, POINTER_KEY, CheckpointStore, Fenced
+from service.checkpoint import (
+    MANIFEST_NAME,
+    POINTER_KEY,
+    BackgroundCommitter,
+    CheckpointStore,
+    PointerUnreadable,
+)
+from service.errors import Superseded
 from service.storage import Storage, open_storage
 
 
@@ -132,7 +139,7 @@ def test_a_stale_writer_is_fenced_off(storage: Storage, tmp_path: Path) -> None:
     old.commit(snapshot(tmp_path, 3), 3, keep=2)
     new = CheckpointStore(storage, writer="new-pod")
     new.claim()  # the replacement pod takes over the run
-    with pytest.raises(Fenced):
+    with pytest.raises(Superseded):
         old.commit(snapshot(tmp_path, 4), 4, keep=2)
     new.commit(snapshot(tmp_path, 4), 4, keep=2)
     assert fetched_step(CheckpointStore(storage), tmp_path) == 4
@@ -140,3 +147,125 @@ def test_a_stale_writer_is_fenced_off(storage: Storage, tmp_path: Path) -> None:
     assert pointer is not None and pointer.owner == "new-pod" and pointer.generation == 2
     # The stale writer's uncommitted files were pruned by the new owner's commit.
     assert not [o for o in storage.list_objects() if o.key.startswith("old-pod-step-00000004")]
+
+
+# -- odd states after a restart ------------------------------------------------------------
+
+
+def _committed_prefixes(storage: Storage) -> set[str]:
+    return {o.key.split("/")[0] for o in storage.list_objects() if "-step-" in o.key}
+
+
+@pytest.mark.parametrize(
+    "latest",
+    [
+        b"{not json",
+        b'{"format": 2, "generation": 3, "owner": "x", "manifest": null, "step": 0}',
+        b'["a list"]',
+        b'{"generation": "many", "owner": "x", "manifest": null, "step": 0}',
+    ],
+    ids=["garbage", "newer-format", "not-an-object", "bad-field"],
+)
+def test_an_unreadable_pointer_is_never_overwritten_and_nothing_is_pruned(
+    storage: Storage, tmp_path: Path, latest: bytes
+) -> None:
+    _two_commits(storage, tmp_path)
+    storage.write_bytes(POINTER_KEY, latest)
+    before = _committed_prefixes(storage)
+    store = CheckpointStore(storage, writer="next-pod")
+    with pytest.raises(PointerUnreadable) as info:
+        store.claim()
+    assert "LATEST cannot be read" in str(info.value) and "move it aside" in str(info.value)
+    with pytest.raises(PointerUnreadable):
+        store.fetch_latest(tmp_path / "fetched")
+    assert storage.read_bytes(POINTER_KEY) == latest
+    assert _committed_prefixes(storage) == before == {"w-step-00000001", "w-step-00000002"}
+
+
+def test_pointer_fields_from_another_version_are_tolerated(
+    storage: Storage, tmp_path: Path
+) -> None:
+    _two_commits(storage, tmp_path)
+    pointer = json.loads(storage.read_bytes(POINTER_KEY))
+    assert pointer["format"] == 1
+    del pointer["format"]  # as written before the field existed
+    pointer["written_by"] = "a later 1.x image"  # a field this version does not know
+    storage.write_bytes(POINTER_KEY, json.dumps(pointer).encode())
+    assert fetched_step(CheckpointStore(storage), tmp_path) == 2
+    found = CheckpointStore(storage, writer="next").claim()
+    assert found is not None and found.step == 2
+
+
+def test_a_missing_pointer_is_rebuilt_from_the_newest_checkpoint_that_verifies(
+    storage: Storage, tmp_path: Path
+) -> None:
+    store = CheckpointStore(storage, writer="w")
+    store.claim()
+    for step in (1, 2, 3):
+        store.commit(snapshot(tmp_path, step), step, keep=3)
+    storage.write_bytes("w-step-00000003/adapter_model.safetensors", b"\x00")  # damaged
+    storage.delete([POINTER_KEY])  # moved aside by an operator
+    with capture_logs() as logs:
+        new = CheckpointStore(storage, writer="next")
+        found = new.claim(keep=3)
+    assert found is not None and found.step == 2
+    assert any(e["event"] == "checkpoint_pointer_rebuilt" for e in logs)
+    assert fetched_step(new, tmp_path) == 2
+    new.commit(snapshot(tmp_path, 4), 4, keep=3)
+    # The rebuilt history is kept: nothing that verified was pruned by the first commit.
+    assert {"w-step-00000001", "w-step-00000002", "next-step-00000004"} <= _committed_prefixes(
+        storage
+    )
+
+
+def test_a_checkpoint_that_does_not_load_is_skipped_for_the_previous(
+    storage: Storage, tmp_path: Path
+) -> None:
+    _two_commits(storage, tmp_path)
+
+    def refuse_step_2(folder: Path) -> str | None:
+        state = json.loads((folder / "sub" / "trainer_state.json").read_text())
+        return "refused by the loader" if state["global_step"] == 2 else None
+
+    with capture_logs() as logs:
+        committed = CheckpointStore(storage).fetch_latest(tmp_path / "f", check=refuse_step_2)
+    assert committed is not None and committed.step == 1
+    assert any(e["event"] == "checkpoint_unloadable" for e in logs)
+    assert _fallback_logged(logs)
+
+
+def test_a_failed_commit_is_counted_and_never_raised(tmp_path: Path) -> None:
+    storage = open_storage(str(tmp_path / "ckpt"))
+    store = CheckpointStore(storage, writer="w")
+    store.claim()
+    committer = BackgroundCommitter(store, keep=2)
+    seen: list[tuple[int, str]] = []
+    committer.on_failure.append(lambda step, error: seen.append((step, error)))
+    committer.submit(tmp_path / "no-such-snapshot", 4)
+    assert committer.wait() is True  # the error is kept, not raised
+    committer.submit(snapshot(tmp_path, 5), 5)
+    assert committer.wait() is True
+    assert [f["step"] for f in committer.failures] == [4] and seen[0][0] == 4
+    assert committer.last is not None and committer.last.step == 5
+
+
+def test_losing_the_run_is_raised_by_the_committer(storage: Storage, tmp_path: Path) -> None:
+    old = CheckpointStore(storage, writer="old")
+    old.claim()
+    committer = BackgroundCommitter(old, keep=2)
+    CheckpointStore(storage, writer="new").claim()
+    committer.submit(snapshot(tmp_path, 3), 3)
+    with pytest.raises(Superseded):
+        committer.wait()
+    assert committer.failures == []
+
+
+def test_the_data_order_state_is_committed_with_the_manifest(
+    storage: Storage, tmp_path: Path
+) -> None:
+    store = CheckpointStore(storage, writer="w")
+    store.claim()
+    state = {"micro_batch": 4, "gradient_accumulation": 2}
+    store.commit(snapshot(tmp_path, 3), 3, keep=2, state=state)
+    found = CheckpointStore(storage).newest_verified()
+    assert found is not None and found.state == state and found.step == 3

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from service.cli import EXAMPLE_MANIFEST
+from service.cli import EXAMPLE_MANIFEST, _parser, dispatch
 from service.errors import ManifestError
 from service.manifest import FineTuneJob, load_manifest, validate_document
-from service.manifest.load import apply_overrides, parse_document
+from service.manifest.load import (
+    MAX_MANIFEST_BYTES,
+    apply_overrides,
+    parse_document,
+    read_manifest_bytes,
+)
 from service.model import Device, check_compile_supported, resolve_compute_dtype
+from tests.jobs import ENTRYPOINT
 
 T4 = Device("cuda", "Tesla T4", (7, 5))
 A100 = Device("cuda", "NVIDIA A100", (8, 0))
@@ -223,3 +233,351 @@ def test_manifest_hash_ignores_formatting() -> None:
     a = _load(cli_manifest=None, env_inline=EXAMPLE_MANIFEST, env_uri=None)
     b = _load(cli_manifest=None, env_inline=json.dumps(example()), env_uri=None)
     assert a.sha256 == b.sha256
+
+
+# -- hostile input: every byte enters through one gate -------------------------------------
+
+MERGE_KEY_BOMB = "x0: &x0 {k: v}\n" + "".join(
+    f"x{i}: &x{i} {{<<: [{', '.join([f'*x{i - 1}'] * 9)}]}}\n" for i in range(1, 10)
+)
+ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+PEAK_MEMORY_LIMIT_BYTES = 8 * 2**20
+
+
+def _parse_peak_bytes(parse: Any) -> tuple[str, int]:
+    """The ManifestError ``parse()`` raises, and the peak memory Python allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestError) as info:
+            parse()
+        return str(info.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def _from_file(path: Path) -> Any:
+    return load_manifest(cli_manifest=str(path), env_inline=None, env_uri=None)
+
+
+def test_binary_manifest_file_names_the_file_and_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"apiVersion: spotlora/v1\nkind: \xffFineTuneJob\n")
+    with pytest.raises(ManifestError) as info:
+        _from_file(path)
+    assert str(info.value) == (
+        f"{path}: not UTF-8 text: byte 0xff at line 2, column 7 (byte offset 30); "
+        "a manifest is YAML or JSON in UTF-8"
+    )
+
+
+def test_binary_inline_manifest_names_the_byte() -> None:
+    """Python hands an environment variable's undecodable bytes over as lone surrogates."""
+    undecodable = b"apiVersion: spotlora/v1\nkind: \xfe\xff\n".decode("utf-8", "surrogateescape")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(cli_manifest=None, env_inline=undecodable, env_uri=None)
+    assert str(info.value) == (
+        "$SPOTLORA_MANIFEST: not UTF-8 text: byte 0xfe at line 2, column 7; "
+        "a manifest is YAML or JSON in UTF-8"
+    )
+
+
+def test_utf8_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + EXAMPLE_MANIFEST.encode())
+    assert _from_file(path).job.metadata.name == "mistral-alpaca"
+
+
+def test_binary_s3_manifest_names_the_uri(bucket: str) -> None:
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key="job.yaml", Body=b"kind: \x80\n")
+    uri = f"s3://{bucket}/job.yaml"
+    with pytest.raises(ManifestError, match=rf"^{uri}: not UTF-8 text: byte 0x80 at line 1"):
+        load_manifest(cli_manifest=None, env_inline=None, env_uri=uri)
+
+
+def test_oversized_s3_manifest_is_refused_before_the_get(
+    bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    from service.storage import S3Storage
+
+    body = b"#" * (MAX_MANIFEST_BYTES + 1)
+    boto3.client("s3").put_object(Bucket=bucket, Key="big.yaml", Body=body)
+
+    def no_get(self: S3Storage, key: str) -> bytes:
+        raise AssertionError(f"GET {key} before the size check")
+
+    monkeypatch.setattr(S3Storage, "read_bytes", no_get)
+    uri = f"s3://{bucket}/big.yaml"
+    with pytest.raises(ManifestError) as info:
+        load_manifest(cli_manifest=uri, env_inline=None, env_uri=None)
+    assert str(info.value) == (
+        f"{uri}: larger than 256 KiB; a manifest is a few KB "
+        "(data goes in data.train, not in the manifest)"
+    )
+
+
+def test_missing_s3_manifest_is_named(bucket: str) -> None:
+    uri = f"s3://{bucket}/nope.yaml"
+    with pytest.raises(ManifestError, match=rf"^{uri}: manifest not found$"):
+        load_manifest(cli_manifest=uri, env_inline=None, env_uri=None)
+
+
+def test_50_mb_manifest_is_refused_before_parsing_in_bounded_memory(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    label = "    label-{:08d}: value-padding-padding-padding\n"
+    head = EXAMPLE_MANIFEST.replace("metadata:\n", "metadata:\n  labels:\n", 1)
+    with path.open("w") as f:
+        f.write(head.split("  labels:\n")[0] + "  labels:\n")
+        for i in range(50 * 2**20 // len(label)):
+            f.write(label.format(i))
+    assert path.stat().st_size > 50 * 10**6
+    message, peak = _parse_peak_bytes(lambda: _from_file(path))
+    assert message.startswith(f"{path}: larger than 256 KiB")
+    assert peak < PEAK_MEMORY_LIMIT_BYTES
+
+
+def test_endless_manifest_is_read_no_further_than_the_limit() -> None:
+    """/dev/zero never ends: a reader that read the whole file would never return."""
+    assert len(read_manifest_bytes("/dev/zero")) == MAX_MANIFEST_BYTES + 1
+    with pytest.raises(ManifestError, match=r"^/dev/zero: larger than 256 KiB"):
+        _from_file(Path("/dev/zero"))
+
+
+def test_oversized_inline_manifest_is_refused() -> None:
+    with pytest.raises(ManifestError, match=r"^\$SPOTLORA_MANIFEST: larger than 256 KiB"):
+        load_manifest(cli_manifest=None, env_inline="#" * 300_000, env_uri=None)
+
+
+def test_merge_key_bomb_is_refused_in_bounded_memory() -> None:
+    """Nine levels of nine merges: 9**9 mapping entries for safe_load, minutes and gigabytes."""
+    message, peak = _parse_peak_bytes(lambda: parse_document(MERGE_KEY_BOMB, "job.yaml"))
+    assert message == (
+        "job.yaml: refused at line 5: expands to more than 10,000 values (aliases '*' or merge "
+        "keys '<<' repeating a node); a manifest has a few hundred"
+    )
+    assert peak < PEAK_MEMORY_LIMIT_BYTES
+
+
+def test_classic_alias_bomb_is_refused_in_bounded_memory() -> None:
+    message, peak = _parse_peak_bytes(lambda: parse_document(ALIAS_BOMB, "job.yaml"))
+    assert "expands to more than 10,000 values" in message
+    assert peak < PEAK_MEMORY_LIMIT_BYTES
+
+
+def test_aliases_within_the_limit_still_work() -> None:
+    doc = parse_document("base: &b {r: 8, alpha: 16}\nlora: {<<: *b, r: 4}\n", "job.yaml")
+    assert doc["lora"] == {"r": 4, "alpha": 16}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,  # libyaml's composer would crash the process
+        "{a: " * 50_000 + "b" + "}" * 50_000,
+        "".join("  " * i + f"k{i}:\n" for i in range(100)) + "  " * 100 + "v\n",
+    ],
+    ids=["flow-sequences", "flow-mappings", "block-mappings"],
+)
+def test_deep_nesting_is_refused(text: str) -> None:
+    message, peak = _parse_peak_bytes(lambda: parse_document(text, "job.yaml"))
+    assert message.startswith("job.yaml: refused at line ")
+    assert message.endswith(": nested deeper than 64 levels")
+    assert peak < PEAK_MEMORY_LIMIT_BYTES
+
+
+def test_recursive_alias_is_refused() -> None:
+    with pytest.raises(ManifestError, match=r"^job\.yaml: refused at line 1: alias \*a refers"):
+        parse_document("a: &a {b: *a}\n", "job.yaml")
+
+
+def test_unreadable_value_names_the_line() -> None:
+    """PyYAML's constructors raise a bare ValueError for these: a traceback before."""
+    with pytest.raises(ManifestError) as info:
+        parse_document("metadata:\n  name: 2024-13-45\n", "job.yaml")
+    assert str(info.value) == (
+        "job.yaml: not valid YAML/JSON at line 2, column 9: cannot read this value: "
+        "month must be in 1..12"
+    )
+    with pytest.raises(ManifestError, match="line 1, column 4: cannot read this value: Exceeds"):
+        parse_document("a: " + "9" * 5000, "job.yaml")
+    with pytest.raises(ManifestError, match="line 1, column 4: cannot read this value: 'maybe'"):
+        parse_document("a: !!bool maybe", "job.yaml")  # a KeyError
+
+
+def test_control_character_names_the_line() -> None:
+    with pytest.raises(ManifestError, match=r"^job\.yaml: not valid YAML/JSON at line 2, column 4"):
+        parse_document("a: b\nc: \x00\n", "job.yaml")
+
+
+def test_override_values_go_through_the_same_gate() -> None:
+    with pytest.raises(ManifestError, match=r"^--set lora\.target_modules: refused at line 1"):
+        apply_overrides(example(), ["lora.target_modules=" + "[" * 1000 + "]" * 1000])
+    with pytest.raises(ManifestError, match=r"^--set metadata\.name: not UTF-8 text: byte 0xff"):
+        apply_overrides(example(), ["metadata.name=\udcff"])  # argv's undecodable byte
+
+
+# -- URIs: refused in the manifest, naming the field ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value", "reason"),
+    [
+        ("output", "uri", "ftp://host/path", "unsupported scheme 'ftp://'"),
+        ("output", "uri", "s3://", "the s3:// URI names no bucket"),
+        ("output", "uri", "s3://bucket/../x", "the S3 key has a '..' segment"),
+        ("output", "uri", "s3://Bad_Bucket/x", "'Bad_Bucket' is not a valid S3 bucket name"),
+        ("checkpoint", "uri", "s3://bucket/./ckpt", "the S3 key has a '.' segment"),
+        ("checkpoint", "resume_from", "gs://bucket/ckpt", "unsupported scheme 'gs://'"),
+        ("data", "train", "s3://bucket//data/*.jsonl", "the S3 key has an empty segment"),
+        ("data", "eval", "http://host/eval.jsonl", "unsupported scheme 'http://'"),
+        ("model", "source", "hf://org/name", "unsupported scheme 'hf://'"),
+        ("metrics", "pushgateway_url", "pushgateway:9091", "use an http:// or https:// URL"),
+        ("preemption", "aws_metadata_endpoint", "169.254.169.254", "use an http:// or https://"),
+        ("preemption", "gce_metadata_endpoint", "http://", "the URL names no host"),
+    ],
+)
+def test_uri_fields_are_checked_naming_the_field(
+    section: str, field: str, value: str, reason: str
+) -> None:
+    doc = example()
+    doc["spec"].setdefault(section, {})[field] = value
+    if field == "eval":
+        doc["spec"]["data"]["eval_fraction"] = 0
+    assert f"spec.{section}.{field}: {reason}" in error_for(doc)
+
+
+def test_unknown_output_scheme_reads_clearly() -> None:
+    doc = example()
+    doc["spec"]["output"]["uri"] = "ftp://host/path"
+    assert error_for(doc) == (
+        "job.yaml: invalid manifest (1 problem(s))\n"
+        "  spec.output.uri: unsupported scheme 'ftp://': use a local path or s3://bucket/prefix "
+        "(got 'ftp://host/path')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("output", "uri", "../out"),
+        ("data", "train", "../data/*.jsonl"),
+        ("data", "train", "s3://bucket/data/b*.jsonl"),
+        ("model", "source", "mistralai/Mistral-7B-v0.1"),
+        ("checkpoint", "resume_from", "s3://bucket/runs/old/"),
+        ("metrics", "pushgateway_url", "https://pushgateway.monitoring:9091"),
+    ],
+)
+def test_legitimate_uris_validate(section: str, field: str, value: str) -> None:
+    doc = example()
+    doc["spec"].setdefault(section, {})[field] = value
+    validate_document(doc, "x")
+
+
+def test_pushgateway_url_with_credentials_is_refused_without_echoing_them() -> None:
+    doc = example()
+    doc["spec"]["metrics"] = {"pushgateway_url": "http://spotlora:hunter2@127.0.0.1:9091"}
+    msg = error_for(doc)
+    assert msg == (
+        "job.yaml: invalid manifest (1 problem(s))\n"
+        "  spec.metrics.pushgateway_url: credentials in the URL would be logged and saved in "
+        "run.json: remove 'user:password@' and set SPOTLORA_PUSHGATEWAY_USERNAME and "
+        "SPOTLORA_PUSHGATEWAY_PASSWORD (or SPOTLORA_PUSHGATEWAY_PASSWORD_FILE) instead"
+    )
+    assert "hunter2" not in msg
+
+
+def test_long_values_are_echoed_shortened() -> None:
+    doc = example()
+    doc["spec"]["output"]["uri"] = "ftp://" + "x" * 10_000
+    assert len(error_for(doc)) < 400
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        (
+            {"cli_manifest": "ftp://host/job.yaml"},
+            "--manifest 'ftp://host/job.yaml': unsupported scheme 'ftp://'",
+        ),
+        ({"env_uri": "s3://"}, "SPOTLORA_MANIFEST_URI 's3://': the s3:// URI names no bucket"),
+        (
+            {"env_uri": "s3://bucket/jobs/"},
+            "SPOTLORA_MANIFEST_URI 's3://bucket/jobs/': names a prefix, not a file",
+        ),
+        ({"cli_manifest": "s3://bucket/../job.yaml"}, "has a '..' segment"),
+    ],
+)
+def test_manifest_uri_is_checked_before_reading(kw: dict[str, str], expected: str) -> None:
+    def never(uri: str) -> bytes:
+        raise AssertionError(f"read {uri}")
+
+    args = {"cli_manifest": None, "env_inline": None, "env_uri": None, **kw}
+    with pytest.raises(ManifestError) as info:
+        load_manifest(read_uri=never, **args)
+    assert expected in str(info.value)
+
+
+def test_manifest_that_is_a_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="is a directory, not a manifest file"):
+        _from_file(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["runs", "list", "ftp://host/x"], "runs list: URI 'ftp://host/x': unsupported scheme"),
+        (["runs", "list", "s3://"], "runs list: URI 's3://': the s3:// URI names no bucket"),
+        (["runs", "show", "s3://bucket/../x", "r1"], "has a '..' segment"),
+        (["runs", "show", "/tmp/out", "../../etc"], "runs show: RUN '../../etc': must be a"),
+        (["report", "s3://bucket/a//b"], "report: URI 's3://bucket/a//b': the S3 key has an"),
+    ],
+)
+def test_cli_uri_arguments_are_checked(argv: list[str], expected: str) -> None:
+    with pytest.raises(ManifestError) as info:
+        dispatch(_parser().parse_args(argv))
+    assert expected in str(info.value)
+
+
+def _entrypoint(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SPOTLORA_")}
+    return subprocess.run(
+        [sys.executable, str(ENTRYPOINT), *args],
+        env={**environ, "SPOTLORA_LOG_FORMAT": "json", **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "args", "expected"),
+    [
+        (b"kind: \xff\n", {}, ["validate", "-f", "{file}"], "not UTF-8 text: byte 0xff"),
+        (MERGE_KEY_BOMB.encode(), {}, ["validate", "-f", "{file}"], "expands to more than"),
+        (
+            None,
+            {"SPOTLORA_MANIFEST": "kind: \udcff\n"},  # sent as the raw byte 0xff
+            ["validate"],
+            "$SPOTLORA_MANIFEST: not UTF-8 text: byte 0xff at line 1, column 7",
+        ),
+        (None, {}, ["runs", "list", "s3://"], "names no bucket"),
+    ],
+    ids=["binary-file", "merge-key-bomb", "binary-env", "empty-bucket"],
+)
+def test_hostile_input_exits_2_with_one_message(
+    tmp_path: Path, content: bytes | None, env: dict[str, str], args: list[str], expected: str
+) -> None:
+    path = tmp_path / "job.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    proc = _entrypoint([a.format(file=path) for a in args], **env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.startswith("spotlora: ")]
+    assert len(said) == 1 and expected in said[0], proc.stderr

@@ -231,7 +231,7 @@ def fake_gateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
 def test_last_success_is_set_and_pushed_only_on_success(fake_gateway) -> None:
     url, requests = fake_gateway
     failed = JobMetrics("tiny-job", pushgateway_url=url)
-    failed.finish(success=False)
+    failed.finish(Phase.FAILED)
     failed.close()
     assert failed.success_registry.get_sample_value("spotlora_last_success_timestamp_seconds") == 0
     assert value(failed, "spotlora_job_phase", spotlora_job_phase="failed") == 1
@@ -242,7 +242,7 @@ def test_last_success_is_set_and_pushed_only_on_success(fake_gateway) -> None:
 
     before = time.time()
     ok = JobMetrics("tiny-job", pushgateway_url=url)
-    ok.finish(success=True)
+    ok.finish(Phase.DONE)
     ok.close()
     stamp = ok.success_registry.get_sample_value("spotlora_last_success_timestamp_seconds")
     assert stamp is not None and stamp >= before
@@ -257,7 +257,7 @@ def test_phase_changes_push(fake_gateway) -> None:
     metrics = JobMetrics("tiny-job", pushgateway_url=url)
     metrics.set_phase(Phase.TRAINING)
     metrics.set_phase(Phase.TRAINING)  # no change, no push
-    metrics.finish(success=True)
+    metrics.finish(Phase.DONE)
     metrics.close()
     assert 1 <= len(requests) <= 2  # coalesced when the first push had not started yet
     assert "spotlora_last_success_timestamp_seconds" in requests[-1][2]
@@ -265,7 +265,7 @@ def test_phase_changes_push(fake_gateway) -> None:
 
 def test_last_success_is_not_served(metrics: JobMetrics) -> None:
     port = metrics.serve(port=0, addr="127.0.0.1")
-    metrics.finish(success=True)
+    metrics.finish(Phase.DONE)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body = response.read().decode()
     assert "spotlora_global_step 0.0" in body
@@ -288,7 +288,7 @@ def test_gateway_down_neither_raises_nor_stalls() -> None:
     with capture_logs() as logs:
         metrics.set_phase(Phase.TRAINING)
         metrics.preempted()
-        metrics.finish(success=True)
+        metrics.finish(Phase.DONE)
         metrics.close()
     assert time.monotonic() - start < 2.0
     assert any(entry["event"] == "pushgateway_push_failed" for entry in logs)
@@ -305,7 +305,7 @@ def test_gateway_that_never_answers_costs_training_nothing() -> None:
         for phase in (Phase.TRAINING, Phase.CHECKPOINTING, Phase.TRAINING):
             metrics.set_phase(phase)
         assert time.monotonic() - start < 0.1  # the training thread never waits on a push
-        metrics.finish(success=True, wait_seconds=1.0)
+        metrics.finish(Phase.DONE, wait_seconds=1.0)
         metrics.close()
         assert time.monotonic() - start < 3.0
 

@@ -72,15 +72,18 @@ def metadata() -> Iterator[Metadata]:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_requests_a_stop_and_starts_the_grace_clock(sig: signal.Signals) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     watcher = PreemptionWatcher(PreemptionSpec(), grace_period_seconds=15)
     with watcher:
+        # A bound method is a new object at each access: compare with ==, not `is`.
+        assert signal.getsignal(sig) == watcher._on_signal
         assert watcher.seconds_left() == float("inf")
         os.kill(os.getpid(), sig)
         assert watcher.requested.wait(2)
         assert watcher.reason == sig.name
         assert 14 < watcher.seconds_left() <= 15
-    # Handlers are restored afterwards.
-    assert signal.getsignal(signal.SIGTERM) is not watcher._on_signal
+    # The handlers from before are back, exactly.
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_aws_spot_notice(metadata: Metadata) -> None:

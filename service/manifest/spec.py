@@ -12,9 +12,25 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from service.uris import check_http_url, check_model_source, check_storage_uri, has_userinfo
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Errors whose input must not be echoed back to the user (and so to the logs).
+URL_CREDENTIALS_ERROR = "url_credentials"
+SECRET_ERROR_TYPES = (URL_CREDENTIALS_ERROR,)
+
+
+def _refuse_credentials(url: str, advice: str) -> None:
+    """A URL with ``user:password@``: an error whose message does not repeat the URL."""
+    if has_userinfo(url):
+        raise PydanticCustomError(
+            URL_CREDENTIALS_ERROR,
+            "credentials in the URL would be logged and saved in run.json: {advice}",
+            {"advice": advice},
+        )
 
 
 class Strict(BaseModel):
@@ -54,6 +70,11 @@ class ModelSpec(Strict):
         default=False,
         description="Run Python code shipped with the model. Off unless you trust the source.",
     )
+
+    @field_validator("source")
+    @classmethod
+    def source_is_a_directory_s3_or_hub_id(cls, value: str) -> str:
+        return check_model_source(value)
 
     @model_validator(mode="after")
     def revision_only_for_hub_ids(self) -> ModelSpec:
@@ -146,6 +167,12 @@ class DataSpec(Strict):
         description="Train on the response only. Default: true for alpaca, chat and "
         "prompt_completion; not available for text.",
     )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def data_is_a_path_or_s3(cls, value: str | None) -> str | None:
+        """Globs are fine (they are ordinary characters in an S3 key); '..' in a key is not."""
+        return None if value is None else check_storage_uri(value)
 
     @model_validator(mode="after")
     def one_eval_source(self) -> DataSpec:
@@ -240,6 +267,11 @@ class CheckpointSpec(Strict):
         "prefix (the folder holding LATEST), instead of this run's own.",
     )
 
+    @field_validator("uri", "resume_from")
+    @classmethod
+    def checkpoint_uris_are_paths_or_s3(cls, value: str | None) -> str | None:
+        return None if value is None else check_storage_uri(value)
+
 
 class PreemptionSpec(Strict):
     spot_notice: Literal["none", "aws", "gce"] = Field(
@@ -260,14 +292,38 @@ class PreemptionSpec(Strict):
         description="Checkpoint and exit 75 after this long, leaving the rest to the next pod.",
     )
 
+    @field_validator("aws_metadata_endpoint", "gce_metadata_endpoint")
+    @classmethod
+    def metadata_endpoints_are_http(cls, value: str) -> str:
+        _refuse_credentials(value, "a metadata server takes none")
+        return check_http_url(value)
+
 
 class MetricsSpec(Strict):
     port: int | None = Field(
         default=9090, ge=0, le=65535, description="Port for /metrics; null disables the server."
     )
     pushgateway_url: str | None = Field(
-        default=None, description="Prometheus Pushgateway to push to at phase changes and the end."
+        default=None,
+        description="Prometheus Pushgateway (http:// or https://) to push to at phase changes "
+        "and the end. No credentials in the URL: basic auth comes from the environment "
+        "(SPOTLORA_PUSHGATEWAY_USERNAME and SPOTLORA_PUSHGATEWAY_PASSWORD or "
+        "SPOTLORA_PUSHGATEWAY_PASSWORD_FILE).",
     )
+
+    @field_validator("pushgateway_url")
+    @classmethod
+    def pushgateway_url_is_http_without_credentials(cls, value: str | None) -> str | None:
+        """A password in the manifest would be logged and copied into run.json, and urllib
+        would take ``user:password@host`` for the host name. The error must not echo it."""
+        if value is None:
+            return None
+        _refuse_credentials(
+            value,
+            "remove 'user:password@' and set SPOTLORA_PUSHGATEWAY_USERNAME and "
+            "SPOTLORA_PUSHGATEWAY_PASSWORD (or SPOTLORA_PUSHGATEWAY_PASSWORD_FILE) instead",
+        )
+        return check_http_url(value)
 
 
 class OutputSpec(Strict):
@@ -278,6 +334,11 @@ class OutputSpec(Strict):
         "under index/, and a PUBLISHED pointer to the promoted run (for scheduled retraining). "
         "Off: adapter/ and run.json directly under the URI.",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def output_uri_is_a_path_or_s3(cls, value: str) -> str:
+        return check_storage_uri(value)
 
 
 class PromotionSpec(Strict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,8 +15,14 @@ def test_job_writes_adapter_then_run_record(
     tiny_model: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
+    # One epoch: every training row is trained on exactly once, so the token count is known.
     job = manifest(
-        "tiny-local", str(tiny_model), str(tiny_data), str(out), data={"eval_fraction": 0.1}
+        "tiny-local",
+        str(tiny_model),
+        str(tiny_data),
+        str(out),
+        data={"eval_fraction": 0.1},
+        training={"max_steps": None, "epochs": 1},
     )
     path = write_manifest(tmp_path / "job.yaml", job)
     env = job_env(tmp_path / "cache")
@@ -28,15 +35,17 @@ def test_job_writes_adapter_then_run_record(
     # The report is drawn at the end, next to run.json.
     assert (out / "report.png").stat().st_size > 10_000
     assert "<img" in (out / "report.html").read_text()
-    assert record["steps"] == 6
     assert record["data"]["rows_read"] == 48 and record["data"]["eval_rows"] >= 1
     assert record["losses"]["final_eval"] is not None
     assert record["versions"]["bitsandbytes"] == "0.50.2"
-    assert len([h for h in record["log_history"] if "loss" in h]) == 6
-    # Tokens count every packed row: more than one row per micro-batch fits in max_length,
-    # so the total exceeds micro-batches x max_length (all a row-blind count could reach).
+    steps = record["steps"]
+    assert steps >= 3 and len([h for h in record["log_history"] if "loss" in h]) == steps
+    # Tokens count every packed row's real tokens, once: the tokenizer's own count of each
+    # training row (prompt + response + EOS, as trl builds it). Counting padding, or only one
+    # row per packed sequence, gives another number.
     tokens = [h["num_tokens"] for h in record["log_history"] if "num_tokens" in h]
-    assert tokens[-1] > 6 * 2 * 96
+    assert tokens[-1] == expected_tokens(tiny_model, tiny_data, job)
+    assert tokens[-1] < steps * 2 * 2 * 96  # fewer than the positions computed
     # run.json is written last: every file it vouches for is older.
     newest_adapter = max(p.stat().st_mtime_ns for p in (out / "adapter").iterdir())
     assert (out / "run.json").stat().st_mtime_ns >= newest_adapter
@@ -49,6 +58,22 @@ def test_job_writes_adapter_then_run_record(
     assert again.code == 0
     assert again.named("run_already_complete")
     assert not again.named("train_log")
+
+
+def expected_tokens(model: Path, data: Path, job: dict[str, Any]) -> int:
+    from transformers import AutoTokenizer
+
+    from service.data import load_dataset
+    from service.manifest import validate_document
+
+    spec = validate_document(job, "job").spec
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = load_dataset(spec.data, data.parent).train
+    lengths = [
+        len(tokenizer(r["prompt"] + r["completion"] + tokenizer.eos_token)["input_ids"])
+        for r in rows
+    ]
+    return sum(min(n, spec.data.max_length) for n in lengths)
 
 
 def test_invalid_manifest_exits_2_with_one_clear_message(tmp_path: Path) -> None:
@@ -162,12 +187,13 @@ def test_sigterm_during_startup_is_not_lost(
     tiny_model: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     """As PID 1 a SIGTERM while libraries still import must not kill the process outright:
-    it is kept and handled as a preemption once the run starts."""
+    it is kept, and the run stops before loading anything more, without claiming the run.
+    No progress was made, so it exits 76 (the Job counts it), not 75."""
     import signal
 
+    out = tmp_path / "out"
     path = write_manifest(
-        tmp_path / "job.yaml",
-        manifest("early", str(tiny_model), str(tiny_data), str(tmp_path / "out")),
+        tmp_path / "job.yaml", manifest("early", str(tiny_model), str(tiny_data), str(out))
     )
     # 0.5 s: the interpreter is up and importing, long before the run starts.
     done = run_job(
@@ -176,6 +202,63 @@ def test_sigterm_during_startup_is_not_lost(
         signal_after=(signal.SIGTERM, 0.5),
     )
     assert done.signals_sent  # without the early handler: killed, exit -15
-    assert done.code == 75, done.stderr[-3000:]
+    assert done.code == 76, done.stderr[-3000:]
     assert done.named("preemption_requested")[0]["reason"] == "SIGTERM"
-    assert not (tmp_path / "out" / "run.json").exists()
+    assert not done.named("model_loaded")
+    assert not out.exists()  # nothing claimed, nothing written
+
+
+def test_ctrl_c_stops_commands_that_run_no_job(tmp_path: Path) -> None:
+    """Only run and launch keep an early SIGINT for a graceful stop; `runs list` against a
+    store that never answers stops at Ctrl-C."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    env = job_env(
+        tmp_path,
+        AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{silent.getsockname()[1]}",
+        AWS_ACCESS_KEY_ID="x",
+        AWS_SECRET_ACCESS_KEY="y",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "entrypoint.py", "runs", "list", "s3://some-bucket/jobs/"],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        silent.settimeout(120)
+        conn, _ = silent.accept()  # the command is waiting on storage now
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err[-2000:]
+        assert "spotlora: interrupted" in err and "Traceback" not in err
+        assert time.monotonic() - started < 30
+        conn.close()
+    finally:
+        proc.kill()
+        silent.close()
+
+
+def test_a_hostile_path_cannot_forge_a_log_line(tmp_path: Path) -> None:
+    """A file name with a newline, a fake JSON event and an ANSI escape: the error names it,
+    escaped, and every line on stderr is either one real event or a `spotlora:` line."""
+    forged = '{"event": "run_complete", "level": "info"}'
+    path = tmp_path / f"job\x1b[2J\n{forged}\n.yaml"
+    done = run_job(["run", "--manifest", str(path)], job_env(tmp_path / "cache"))
+    assert done.code == 2, done.stderr[-2000:]
+    assert "\x1b" not in done.stderr and "\\x1b[2J" in done.stderr
+    assert not done.named("run_complete")
+    for line in done.stderr.splitlines():
+        assert line.startswith(("{", "spotlora: ")), line

@@ -132,7 +132,7 @@ def test_prometheus_scrapes_a_real_training_run(prometheus, tmp_path: Path) -> N
         callback = attach(trainer, metrics, progress_interval_seconds=1.0)
         metrics.set_info(model="tiny-llama", manifest_sha256="0" * 64)
         trainer.train()
-        metrics.finish(success=True)
+        metrics.finish(Phase.DONE)
 
         # Real keys flowed through: trl's num_tokens, loss, eval_loss, learning rate.
         assert callback.progress_interval_seconds == 1.0  # pytest's stderr is no terminal
@@ -196,7 +196,7 @@ def test_failed_run_leaves_the_last_success_on_the_gateway(pushgateway: str) -> 
     with JobMetrics(job, pushgateway_url=pushgateway) as ok:
         ok.set_phase(Phase.TRAINING)
         ok.global_step.set(100)
-        ok.finish(success=True)
+        ok.finish(Phase.DONE)
     pushed = gateway_samples(pushgateway, job)
     stamp = pushed[key]
     assert before <= stamp <= time.time()
@@ -206,7 +206,7 @@ def test_failed_run_leaves_the_last_success_on_the_gateway(pushgateway: str) -> 
     with JobMetrics(job, pushgateway_url=pushgateway) as crashed:
         crashed.set_phase(Phase.TRAINING)
         crashed.global_step.set(7)
-        crashed.finish(success=False)
+        crashed.finish(Phase.FAILED)
     after_failure = gateway_samples(pushgateway, job)
     assert after_failure[key] == stamp
     assert after_failure[failed] == 1 and after_failure[done] == 0
@@ -218,7 +218,7 @@ def test_gateway_stopped_mid_run_costs_training_nothing(pushgateway: str) -> Non
     start = time.monotonic()
     with JobMetrics("it-down", pushgateway_url=url, push_timeout_seconds=0.5) as metrics:
         metrics.set_phase(Phase.TRAINING)
-        metrics.finish(success=True)
+        metrics.finish(Phase.DONE)
     assert time.monotonic() - start < 2.0
     assert "it-down" not in http_get(f"{pushgateway}/metrics")
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
+import pickle
+import re
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +91,13 @@ def test_stop_mid_step_when_the_step_cannot_finish_in_the_grace_budget(
     path = write_manifest(tmp_path / "job.yaml", doc)
     env = job_env(tmp_path / "cache")
     first = run_job(["run", "-f", str(path)], env, interrupt=at_step(2))
-    assert first.code == 75, first.stderr[-3000:]
     mid = first.named("preemption_stop_mid_step")
     assert mid, "expected a stop between micro-batches"
-    # With no time to spare the commit may not finish; either way what is resumed is committed.
+    # With no time to spare the commit may not finish: then the attempt made no progress
+    # (76), and what is resumed is still only what was committed.
+    (stop,) = first.named("preempted")
+    assert first.code == (75 if stop["progress"] else 76), first.stderr[-3000:]
+    assert stop["lost_seconds"] > 0  # the steps trained since the start were not committed
     second = run_job(["run", "-f", str(path)], env)
     assert second.code == 0, second.stderr[-3000:]
     assert_same_run(out, reference)
@@ -116,3 +124,168 @@ def test_second_sigterm_does_not_break_the_commit(
     second = run_job(["run", "-f", str(path)], env)
     assert second.code == 0, second.stderr[-3000:]
     assert_same_run(out, reference)
+
+
+class RunsCode:
+    """A pickle that runs code when loaded: torch's safe loader must refuse it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import os
+
+        return (os.system, ("touch /tmp/spotlora-pwned",))
+
+
+def replace_committed_file(checkpoint: Path, name: str, data: bytes) -> None:
+    """Swap a committed file and make its MANIFEST vouch for the new bytes, as if it had been
+    written that way before it was hashed: only loading it can tell."""
+    (checkpoint / name).write_bytes(data)
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def checkpoint_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if "attempts" not in p.parts)
+
+
+def test_odd_states_after_a_restart_neither_lose_progress_nor_replay(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    """A changed setting, a damaged LATEST, then LATEST moved aside and the newest checkpoint
+    unloadable: each restart refuses clearly or resumes exactly, and the run ends as the
+    uninterrupted one did."""
+    out = tmp_path / "out"
+    doc = job("resume", tiny_model, tiny_data, out, checkpoint={"every_steps": 2, "keep": 3})
+    path = write_manifest(tmp_path / "job.yaml", doc)
+    env = job_env(tmp_path / "cache")
+    first = run_job(["run", "-f", str(path)], env, interrupt=at_step(5))
+    assert first.code == 75, first.stderr[-3000:]
+    committed = sorted(e["step"] for e in first.named("checkpoint_committed"))
+    assert committed[:2] == [2, 4] and len(committed) == 3
+    root = out / "checkpoints" / "resume"
+    files = checkpoint_files(root)
+
+    # 1. What decides the data order is refused when changed, before anything is loaded.
+    for override, named in [
+        ("training.batch_size=1", "spec.training.batch_size: 2 rows per micro-batch then, 1 now"),
+        ("training.max_steps=20", "spec.training.max_steps: 8 then, 20 now"),
+    ]:
+        refused = run_job(["run", "-f", str(path), "--set", override], env)
+        assert refused.code == 2, refused.stderr[-2000:]
+        assert named in refused.stderr and "Traceback" not in refused.stderr
+        assert not refused.named("model_loaded")
+    assert checkpoint_files(root) == files
+
+    # 2. A LATEST that cannot be read is left alone, and nothing is pruned around it.
+    (root / "LATEST").write_text("{damaged")
+    broken = run_job(["run", "-f", str(path)], env)
+    assert broken.code == 69, broken.stderr[-2000:]
+    assert "LATEST cannot be read" in broken.stderr and "Traceback" not in broken.stderr
+    assert (root / "LATEST").read_text() == "{damaged"
+    assert checkpoint_files(root) == files
+
+    # 3. Moved aside, LATEST is rebuilt from the checkpoints that verify; the newest one holds
+    #    an optimizer file torch's safe loader refuses, so the one before it is resumed. The
+    #    micro-batch comes from the checkpoint, although the manifest now says auto.
+    (root / "LATEST").rename(root / "LATEST.damaged")
+    newest = next(root.glob(f"*-step-{committed[-1]:08d}"))
+    replace_committed_file(newest, "optimizer.pt", pickle.dumps(RunsCode()))
+    resumed = run_job(["run", "-f", str(path), "--set", "training.batch_size=auto"], env)
+    assert resumed.code == 0, resumed.stderr[-3000:]
+    assert resumed.named("checkpoint_pointer_rebuilt")
+    assert resumed.named("checkpoint_unloadable")
+    assert not Path("/tmp/spotlora-pwned").exists()
+    assert resumed.named("resuming")[0]["step"] == committed[1]
+    assert resumed.named("resume_keeps_batch_size")[0]["micro_batch"] == 2
+    assert_same_run(out, reference)
+
+
+class RecordingGateway:
+    """A stand-in Pushgateway that keeps every push, in order: the final phase alone does not
+    show what a run went through."""
+
+    def __init__(self) -> None:
+        self.bodies: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.bodies.append(self.rfile.read(length).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            do_PUT = do_POST
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def phases(self) -> list[str]:
+        """The phase each push reported, consecutive repeats folded."""
+        seen: list[str] = []
+        for body in self.bodies:
+            match = re.search(r'spotlora_job_phase\{spotlora_job_phase="(\w+)"\} 1\.0', body)
+            if match and (not seen or seen[-1] != match[1]):
+                seen.append(match[1])
+        return seen
+
+
+def test_a_seeded_run_resumes_its_own_checkpoints_after_a_preemption(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    """checkpoint.resume_from seeds a run that has no checkpoint of its own; once the run has
+    committed its own, a preempted attempt resumes those, not the seed again. The preempted
+    attempt reports itself as such (not failed) and is in the final run record."""
+    seed_out = tmp_path / "seed"
+    seed_job = write_manifest(
+        tmp_path / "seed.yaml", job("seed-run", tiny_model, tiny_data, seed_out)
+    )
+    env = job_env(tmp_path / "cache")
+    seeded = run_job(["run", "-f", str(seed_job)], env, interrupt=at_step(2))
+    assert seeded.code == 75, seeded.stderr[-3000:]
+    seed_step = seeded.named("checkpoint_committed")[-1]["step"]
+
+    gateway = RecordingGateway()
+    out = tmp_path / "out"
+    doc = job(
+        "resume",
+        tiny_model,
+        tiny_data,
+        out,
+        checkpoint={
+            "every_steps": 2,
+            "resume_from": str(seed_out / "checkpoints" / "seed-run"),
+        },
+        metrics={"pushgateway_url": gateway.url},
+    )
+    path = write_manifest(tmp_path / "job.yaml", doc)
+    first = run_job(["run", "-f", str(path)], env, interrupt=at_step(seed_step + 2))
+    assert first.code == 75, first.stderr[-3000:]
+    assert first.named("resuming")[0]["step"] == seed_step
+    own_step = first.named("checkpoint_committed")[-1]["step"]
+    assert own_step > seed_step
+    pushed = gateway.phases()
+    assert pushed[0] == "loading" and pushed[-1] == "preempted", pushed
+    assert {"training", "checkpointing"} <= set(pushed) and "failed" not in pushed
+
+    second = run_job(["run", "-f", str(path)], env)
+    assert second.code == 0, second.stderr[-3000:]
+    assert second.named("resuming")[0]["step"] == own_step  # not the seed's step again
+    record = assert_same_run(out, reference)
+    # The next pod's "loading" replaces the pushed "preempted"; the run ends "done".
+    phases = gateway.phases()
+    after = phases[phases.index("preempted") + 1 :]
+    assert after[0] == "loading" and after[-1] == "done", phases
+    # Every attempt is in the record: the preempted one with its stop, the finishing one.
+    outcomes = [a["outcome"] for a in record["attempts"]]
+    assert outcomes == ["preempted", "done"], outcomes
+    (stop,) = record["preemptions"]
+    assert stop["reason"] == "SIGTERM" and stop["committed_step"] == own_step
+    assert 0 <= stop["lost_seconds"] < 60
+    kinds = [e["type"] for e in record["events"]]
+    assert kinds.count("resumed") == 2 and kinds.count("preempted") == 1
+    assert (out / "report.html").is_file()

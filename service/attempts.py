@@ -1,0 +1,124 @@
+"""One record per attempt of a run (one pod's life), kept beside the run's checkpoints.
+
+A preempted or killed process cannot write run.json, so each attempt writes its own small
+record as it goes: when it claims the run, at every commit, every few minutes while it
+trains, and when it stops. The attempt that finishes the run copies them all into run.json,
+so the record tells every attempt's story: where it ran, how it ended, the steps it gained
+and the work it lost. An attempt that never wrote its end was killed (SIGKILL, a lost
+node); its last update bounds when.
+
+Layout: ``attempts/<start ms>-<writer>.json`` under the run's checkpoint prefix. Each
+writer writes only its own key, so there is nothing to race.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+
+from service.storage import Storage
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "attempts/"
+HEARTBEAT_SECONDS = 120.0
+
+
+@dataclass
+class Attempt:
+    writer: str
+    pod: str | None
+    node: str | None
+    device: str | None
+    started_unix: float
+    start_step: int
+    updated_unix: float = 0.0
+    ended_unix: float | None = None
+    outcome: str = "running"  # running | done | preempted | failed | superseded
+    last_step: int = 0
+    committed_step: int | None = None  # the newest step this attempt committed
+    reason: str | None = None
+    lost_seconds: float | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class AttemptLog:
+    def __init__(self, storage: Storage, attempt: Attempt) -> None:
+        self.storage = storage
+        self.attempt = attempt
+        self.key = f"{PREFIX}{int(attempt.started_unix * 1000):015d}-{attempt.writer}.json"
+        self._lock = threading.Lock()
+        self._saving: threading.Thread | None = None
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+        self.save()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        with self._lock:
+            self.attempt.events.append({"type": kind, "time": time.time(), **fields})
+
+    def step(self, step: int) -> None:
+        """At each optimizer step: a cheap heartbeat, written off the training thread."""
+        self.attempt.last_step = step
+        now = time.time()
+        due = self.started and now - self.attempt.updated_unix >= HEARTBEAT_SECONDS
+        if due and (self._saving is None or not self._saving.is_alive()):
+            self.attempt.updated_unix = now
+            self._saving = threading.Thread(target=self.save, daemon=True)
+            self._saving.start()
+
+    def committed(self, step: int) -> None:
+        self.attempt.committed_step = step
+        self.event("checkpoint", step=step)
+        self.save()
+
+    def finish(self, outcome: str, **fields: Any) -> None:
+        self.attempt.outcome = outcome
+        self.attempt.ended_unix = time.time()
+        for name, value in fields.items():
+            setattr(self.attempt, name, value)
+        self.save()
+
+    def save(self) -> None:
+        """Bookkeeping: a failure to write it is logged, never a reason to stop training."""
+        if not self.started:
+            return
+        with self._lock:
+            self.attempt.updated_unix = time.time()
+            data = json.dumps(asdict(self.attempt), indent=1, default=str).encode()
+        try:
+            self.storage.write_bytes(self.key, data)
+        except Exception as err:
+            log.warning("attempt_record_not_written", key=self.key, error=str(err))
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every attempt of the run, oldest first, this one as it is now. One that never
+        recorded its end and is not this one was killed."""
+        records = []
+        try:
+            keys = sorted(o.key for o in self.storage.list_objects(PREFIX))
+        except Exception as err:
+            log.warning("attempt_records_unreadable", error=str(err))
+            keys = []
+        for key in keys:
+            if key == self.key:
+                continue
+            try:
+                record = json.loads(self.storage.read_bytes(key))
+            except (FileNotFoundError, ValueError) as err:
+                log.warning("attempt_record_unreadable", key=key, error=str(err))
+                continue
+            if record.get("outcome") == "running":
+                record["outcome"] = "killed"
+                record["ended_unix"] = record.get("updated_unix")
+            records.append(record)
+        with self._lock:
+            records.append(asdict(self.attempt))
+        return sorted(records, key=lambda r: r.get("started_unix") or 0)

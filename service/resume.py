@@ -1,0 +1,158 @@
+"""What decides the order in which a run sees its data, recorded with every checkpoint and
+compared before a resumed attempt loads anything.
+
+A resumed run continues the same loss curve only if every step sees the rows the
+uninterrupted run would have seen: the same rows, the same sampler seed, the same number of
+rows per optimizer step split the same way across processes, the same schedule. Each
+committed checkpoint carries a ``RunOrder``; an attempt that would continue differently is
+refused (exit 2) with the settings that changed, rather than going on quietly with another
+curve. The micro-batch and accumulation come from the checkpoint, not from this attempt's
+GPU: ``batch_size: auto`` is re-sized at every start, and a pod that lands on another GPU
+type must not change them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+
+from service.errors import ManifestError
+from service.manifest.spec import JobSpec
+
+log = structlog.get_logger(__name__)
+
+# The manifest sections that decide the trained weights (as promotion.TRAINING_FIELDS).
+ORDER_SECTIONS = ("model", "quantization", "lora", "data", "training")
+# Fields in those sections that change neither which rows a step sees nor the update made
+# from them. The data paths are compared by content instead (train_rows_sha256), so moving
+# the files is allowed; batch_size is compared as the micro-batch actually used.
+ORDER_EXEMPT = frozenset(
+    {
+        "data.train",
+        "data.eval",
+        "training.batch_size",
+        "training.logging_steps",
+        "training.eval_steps",
+        "training.gradient_checkpointing",
+        "training.torch_compile",
+    }
+)
+
+
+def order_settings(spec: JobSpec) -> dict[str, Any]:
+    """The order-deciding manifest fields, flattened to dotted names."""
+    flat: dict[str, Any] = {}
+    for section in ORDER_SECTIONS:
+        for name, value in getattr(spec, section).model_dump(mode="json").items():
+            if f"{section}.{name}" not in ORDER_EXEMPT:
+                flat[f"{section}.{name}"] = value
+    return flat
+
+
+def rows_sha256(rows: list[dict[str, Any]]) -> str:
+    """Content of the training rows as the trainer gets them, in order."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunOrder:
+    micro_batch: int
+    gradient_accumulation: int
+    world_size: int
+    train_rows_sha256: str
+    settings: dict[str, Any]
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> RunOrder | None:
+        """None for a checkpoint written before runs recorded their order."""
+        if not state:
+            return None
+        try:
+            return cls(
+                micro_batch=int(state["micro_batch"]),
+                gradient_accumulation=int(state["gradient_accumulation"]),
+                world_size=int(state["world_size"]),
+                train_rows_sha256=str(state["train_rows_sha256"]),
+                settings=dict(state["settings"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    micro_batch: int | None  # None: size it as for a fresh run
+    gradient_accumulation: int
+
+
+def plan_resume(
+    recorded: RunOrder | None,
+    *,
+    step: int,
+    spec: JobSpec,
+    world_size: int,
+    train_rows: str,
+) -> ResumePlan:
+    """Check this attempt against the checkpoint it would resume (at ``step``); return the
+    micro-batch and accumulation to train with, or raise ManifestError naming what changed."""
+    accumulation = spec.training.gradient_accumulation
+    if recorded is None:
+        return ResumePlan(None, accumulation)
+    changes = [
+        f"spec.{name}: {recorded.settings.get(name)!r} then, {value!r} now"
+        for name, value in order_settings(spec).items()
+        if name in recorded.settings and recorded.settings[name] != value
+    ]
+    requested = spec.training.batch_size
+    if requested != "auto" and requested * accumulation != (
+        recorded.micro_batch * recorded.gradient_accumulation
+    ):
+        changes.append(
+            f"spec.training.batch_size: {recorded.micro_batch} rows per micro-batch then, "
+            f"{requested} now"
+        )
+    if world_size != recorded.world_size:
+        changes.append(
+            f"processes: {recorded.world_size} then, {world_size} now (launch with the same "
+            "number of processes)"
+        )
+    if train_rows != recorded.train_rows_sha256:
+        changes.append("spec.data.train: the training rows' content differs")
+    if changes:
+        raise ManifestError(
+            f"cannot resume the checkpoint at step {step}: it was trained with other settings "
+            "that decide the data order, so the run would not continue the same curve:\n  "
+            + "\n  ".join(changes)
+            + "\nRestore them, or start a new run (a new run id), seeded from this one with "
+            "spec.checkpoint.resume_from if you want its weights"
+        )
+    if requested != "auto":
+        return ResumePlan(requested, accumulation)
+    log.info(
+        "resume_keeps_batch_size",
+        micro_batch=recorded.micro_batch,
+        gradient_accumulation=recorded.gradient_accumulation,
+        reason="batch_size auto: the checkpoint's micro-batch wins over this GPU's",
+    )
+    return ResumePlan(recorded.micro_batch, recorded.gradient_accumulation)
+
+
+def fit_micro_batch(recorded: int, accumulation: int, fits: int) -> tuple[int, int]:
+    """The recorded micro-batch when it fits this GPU; else the largest divisor of it that
+    does, with the accumulation raised to keep the rows per optimizer step (and so the data
+    order) unchanged."""
+    if recorded <= fits:
+        return recorded, accumulation
+    divisor = max(d for d in range(1, min(fits, recorded) + 1) if recorded % d == 0)
+    return divisor, accumulation * (recorded // divisor)
