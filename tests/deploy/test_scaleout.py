@@ -367,7 +367,14 @@ def test_multinode_failure_policy_names_the_service_exit_codes() -> None:
     named = {
         code for rule in rules if "onExitCodes" in rule for code in rule["onExitCodes"]["values"]
     }
-    assert named == {ExitCode.INVALID_INPUT, ExitCode.DATA_UNUSABLE, ExitCode.PREEMPTED}
+    assert named == {
+        ExitCode.INVALID_INPUT,
+        ExitCode.DATA_UNUSABLE,
+        ExitCode.PUBLICATION_CONFLICT,
+        ExitCode.PREEMPTED,
+        ExitCode.PREEMPTED_NO_PROGRESS,
+        ExitCode.SUPERSEDED,
+    }
 
 
 # --- Kueue and checkov -------------------------------------------------------------------

@@ -68,3 +68,92 @@ def test_two_ranks_stop_together_and_resume_exactly(
     got, want = adapter_tensors(out / "adapter"), two_process_reference["adapter"]
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_commit_every_ranks_rng_state_and_resume_exactly(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, two_process_reference: dict[str, Any]
+) -> None:
+    """Two "nodes" (two launchers, each with its own cache disk, one worker each): rank 1's
+    RNG state lives only on its node, yet the committed checkpoint holds it, and the run
+    resumes as exactly as on one node."""
+    import signal
+    import subprocess
+    import threading
+
+    out = tmp_path / "out"
+    path = write_manifest(tmp_path / "job.yaml", job(tiny_model, tiny_data, out))
+    port = free_port()
+
+    def launch_args(node: int) -> list[str]:
+        return [
+            "launch",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--",
+            "run",
+            "-f",
+            str(path),
+        ]
+
+    def both(interrupt_at: int | None) -> list[Any]:
+        procs: list[subprocess.Popen[str]] = []
+        results: list[Any] = [None, None]
+        stop = at_step(interrupt_at) if interrupt_at else None
+
+        def on_event(event: dict[str, Any]) -> int | None:
+            if stop is not None and stop(event) is not None:
+                for proc in procs[1:]:
+                    proc.send_signal(signal.SIGTERM)  # the other node is reclaimed too
+                return signal.SIGTERM
+            return None
+
+        def node(i: int) -> None:
+            env = job_env(tmp_path / f"node-{i}-cache")
+            results[i] = run_job(
+                launch_args(i),
+                env,
+                interrupt=on_event if i == 0 else None,
+                started=procs.append,
+            )
+
+        threads = [threading.Thread(target=node, args=(i,)) for i in (0, 1)]
+        threads[0].start()
+        threads[1].start()
+        for t in threads:
+            t.join(timeout=600)
+        return results
+
+    first = both(interrupt_at=2)
+    assert first[0].code == 75, first[0].stderr[-4000:]
+    assert first[1].code in (0, 75), first[1].stderr[-4000:]
+    checkpoints = list((out / "checkpoints" / "ddp").glob("*-step-*"))
+    assert checkpoints
+    assert {p.name for p in checkpoints[0].glob("rng_state_*.pth")} == {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
+
+    second = both(interrupt_at=None)
+    assert second[0].code == 0, second[0].stderr[-4000:]
+    record = json.loads((out / "run.json").read_text())
+    assert step_losses(record) == step_losses(two_process_reference["record"])
+    got, want = adapter_tensors(out / "adapter"), two_process_reference["adapter"]
+    for name in want:
+        assert torch.equal(got[name], want[name]), name

@@ -151,6 +151,23 @@ def test_unusable_data_exits_65_naming_the_first_bad_line(tiny_model: Path, tmp_
     assert not out.exists()  # nothing written: no record, no adapter, no claim
 
 
+def test_rows_that_cannot_train_fail_before_the_run_is_claimed(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """Every response starts past max_length: found only once the rows are tokenized, after
+    the model is loaded, and still before anything is written, LATEST included."""
+    out = tmp_path / "out"
+    doc = manifest("too-short", str(tiny_model), str(tiny_data), str(out), data={"max_length": 32})
+    done = run_job(
+        ["run", "--manifest", str(write_manifest(tmp_path / "job.yaml", doc))],
+        job_env(tmp_path / "cache"),
+    )
+    assert done.code == 65, done.stderr[-2000:]
+    assert "no row has any response token within data.max_length=32" in done.stderr
+    assert done.named("model_loaded")  # it failed late, after loading
+    assert not out.exists()  # no checkpoints/too-short/LATEST, nothing else either
+
+
 @pytest.mark.parametrize("spec_change", [{"data": {"format": "chat"}}])
 def test_wrong_format_for_rows_exits_65(
     tiny_model: Path, tiny_data: Path, tmp_path: Path, spec_change: dict[str, dict[str, str]]
