@@ -99,6 +99,8 @@ RUN groupadd --system --gid 10001 spotlora \
 COPY --from=venv /opt/venv /opt/venv
 COPY --from=build /pkg/ /
 COPY --from=build /src/entrypoint.py /opt/spotlora/entrypoint.py
+# Writes the cpu-quickstart overlay's tiny model and data (its init container).
+COPY examples/samples.py /opt/spotlora/samples.py
 
 # The root filesystem is read-only in the pod; only /tmp and the cache are
 # mounted writable. /usr/local/nvidia is where GKE's device plugin mounts the

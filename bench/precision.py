@@ -71,8 +71,8 @@ def main() -> None:
 
     import torch
 
+    from examples.samples import export_smollm2
     from service.model import load_tokenizer
-    from service.samples import export_smollm2
 
     model_dir = export_smollm2(opts.model)
     tokenizer = load_tokenizer(model_dir, False)

@@ -184,14 +184,12 @@ def job_spec(
 
 def load_product_model(spec: Any, model_dir: Path, dtype: str) -> tuple[Any, Any, float]:
     import torch
-    from transformers import set_seed
 
     from service import model as product
 
     device = product.detect_device()
     tokenizer = product.load_tokenizer(model_dir, False)
-    set_seed(spec.training.seed)
-    start = time.monotonic()
+    start = time.monotonic()  # load_for_training seeds, as the product does
     peft_model = product.load_for_training(model_dir, spec, dtype, device)
     torch.cuda.synchronize()
     return peft_model, tokenizer, time.monotonic() - start
@@ -273,7 +271,7 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from service.model import estimate_memory, preflight_estimate
+    from service.memory import estimate_memory, preflight_estimate
 
     frozen_dtype = "fp32" if opts.frozen_fp32 else "compute"
     first = job_spec(

@@ -62,7 +62,7 @@ def job_manifest(model_dir: Path, train: Path, output: Path) -> dict[str, Any]:
 
 def prepare(directory: Path) -> tuple[Path, Path, Path]:
     """Model, data and manifest under ``directory``; returns (job.yaml, model dir, eval.jsonl)."""
-    from service.samples import export_smollm2, write_synthetic_splits
+    from examples.samples import export_smollm2, write_synthetic_splits
 
     cache = Path(os.environ.get("SPOTLORA_TEST_CACHE", REPO / ".cache"))
     model_dir = export_smollm2(cache / "smollm2-135m")
@@ -80,9 +80,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=REPO / "quickstart-out")
     args = parser.parse_args()
+    from examples.evaluate import adapter_exact_match
+    from examples.samples import read_jsonl
     from service.cli import main as spotlora
-    from service.evaluate import adapter_exact_match
-    from service.samples import read_jsonl
 
     job, model_dir, held_out = prepare(args.dir)
     rows = read_jsonl(held_out)

@@ -79,6 +79,11 @@ class AttemptLog:
         self.event("checkpoint", step=step)
         self.save()
 
+    def finish_in_record(self, outcome: str, last_step: int) -> None:
+        """The end, as the run record written now should show it; saved after that record."""
+        self.attempt.outcome, self.attempt.ended_unix = outcome, time.time()
+        self.attempt.last_step = last_step
+
     def finish(self, outcome: str, **fields: Any) -> None:
         self.attempt.outcome = outcome
         self.attempt.ended_unix = time.time()

@@ -112,7 +112,7 @@ def _load(args: argparse.Namespace) -> tuple[LoadedManifest, RuntimeSettings]:
 def show_runs(args: argparse.Namespace) -> ExitCode:
     import time
 
-    from service.promotion import RunHistory
+    from service.history import RunHistory
     from service.storage import open_storage
     from service.uris import check_key_segment, check_storage_uri
 
@@ -153,7 +153,8 @@ def show_runs(args: argparse.Namespace) -> ExitCode:
 
 def memory_report(spec: JobSpec, gpu_memory_gib: float) -> str:
     """YAML comments, so the output stays a valid manifest."""
-    from service.model import auto_batch_size, fetch_config, preflight_estimate
+    from service.memory import auto_batch_size, preflight_estimate
+    from service.model import fetch_config
 
     estimate = preflight_estimate(spec, fetch_config(spec.model))
     limit = int(gpu_memory_gib * 2**30)

@@ -4,7 +4,7 @@ Built from the parsed run.json alone, so `spotlora report RUN_URI` works long af
 gone. It reads:
 
 - `log_history`: transformers' `trainer.state.log_history`. Throughput needs a wall-clock `time`
-  on the entries, which `service.metrics.MetricsCallback` stamps; trl's `num_tokens` is
+  on the entries, which `service.metrics.callback.MetricsCallback` stamps; trl's `num_tokens` is
   cumulative per process, so a pair of entries across a restart (where it falls) is skipped.
 - `events`: `{"type": "checkpoint" | "preempted" | "resumed", "step": int, "time": float}`,
   drawn as vertical lines on every panel.

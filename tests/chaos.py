@@ -218,7 +218,7 @@ def main() -> int:  # pragma: no cover - by hand
 
     import boto3
 
-    from service.samples import write_synthetic_task, write_tiny_llama
+    from examples.samples import write_synthetic_task, write_tiny_llama
     from service.storage import open_storage
     from tests.conftest import free_port, wait_for_port
 

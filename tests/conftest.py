@@ -80,7 +80,7 @@ def bucket(s3_server: str) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.samples import write_tiny_llama
+    from examples.samples import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
@@ -88,7 +88,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Alpaca rows of the synthetic task, short enough for max_length 96."""
-    from service.samples import write_synthetic_task
+    from examples.samples import write_synthetic_task
 
     return write_synthetic_task(tmp_path_factory.mktemp("data") / "train.jsonl", n=48, seed=3)
 

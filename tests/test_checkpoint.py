@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from service.checkpoint import (
-    MANIFEST_NAME,
-    POINTER_KEY,
-    BackgroundCommitter,
-    CheckpointStore,
-    PointerUnreadable,
-)
+from service.checkpoint.committer import BackgroundCommitter
+from service.checkpoint.store import MANIFEST_NAME, POINTER_KEY, CheckpointStore, PointerUnreadable
 from service.errors import Superseded
 from service.storage import Storage, open_storage
 

@@ -8,18 +8,9 @@ from typing import Any
 
 import pytest
 
-from service.data import (
-    HASH_KEY,
-    MIN_LINE_BYTES,
-    READ_CHUNK_BYTES,
-    _lines,
-    _row_hash,
-    alpaca_prompt,
-    holdout_split,
-    load_dataset,
-    load_split,
-    row_chars_budget,
-)
+from service.data import HASH_KEY, _row_hash, holdout_split, load_dataset, load_split
+from service.data.read import MIN_LINE_BYTES, READ_CHUNK_BYTES, _lines
+from service.data.shape import alpaca_prompt, row_chars_budget
 from service.errors import DataError
 from service.manifest.spec import DataSpec
 from service.storage import open_storage
@@ -247,12 +238,12 @@ def test_lines_split_as_text_files_do_and_long_ones_are_passed_over(
     import io
     import random
 
-    import service.data
+    import service.data.read
 
     rnd = random.Random(1)
     for _ in range(3000):
         data = bytes(rnd.choice(b"ab\r\n") for _ in range(rnd.randint(0, 40)))
-        monkeypatch.setattr(service.data, "READ_CHUNK_BYTES", rnd.randint(1, 7))
+        monkeypatch.setattr(service.data.read, "READ_CHUNK_BYTES", rnd.randint(1, 7))
         bound = rnd.randint(1, 12)
         text = io.TextIOWrapper(io.BytesIO(data), encoding="latin-1", newline="")
         want = [line.encode("latin-1") for line in text]

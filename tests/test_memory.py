@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from service.manifest import validate_document
-from service.model import preflight_estimate
+from service.memory import preflight_estimate
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -15,13 +15,8 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from service.metrics import (
-    JobMetrics,
-    MetricsCallback,
-    Phase,
-    attach,
-    format_duration,
-)
+from service.metrics.callback import MetricsCallback, attach, format_duration
+from service.metrics.registry import JobMetrics, Phase
 
 # What trl 1.16's SFTTrainer hands to on_log (taken from a real tiny run): the train window's
 # mean loss, and a *cumulative* token count.
@@ -71,7 +66,7 @@ def metrics() -> Iterator[JobMetrics]:
 
 
 def test_every_metric_is_prefixed_documented_and_low_cardinality(metrics: JobMetrics) -> None:
-    metrics.loss.labels(split="train").set(1.0)
+    metrics.m.loss.labels(split="train").set(1.0)
     families = list(metrics.registry.collect()) + list(metrics.success_registry.collect())
     assert len(families) >= 25
     for family in families:
@@ -189,7 +184,7 @@ def test_events_update_counters_and_checkpoint_age(metrics: JobMetrics) -> None:
 
 def test_loss_series_appear_only_once_logged(metrics: JobMetrics) -> None:
     assert value(metrics, "spotlora_loss", split="train") is None
-    metrics.loss.labels(split="train").set(2.0)
+    metrics.m.loss.labels(split="train").set(2.0)
     assert value(metrics, "spotlora_loss", split="train") == 2.0
     assert value(metrics, "spotlora_loss", split="eval") is None
 
@@ -330,7 +325,7 @@ def test_callback_reads_real_trl_log_keys(metrics: JobMetrics, tmp_path: Path) -
     callback = MetricsCallback(metrics, clock=clock)
     args, state, control = trainer_objects(tmp_path)
     callback.on_train_begin(args, state, control)
-    assert metrics.current_phase is Phase.TRAINING
+    assert metrics.current_phase is Phase.LOADING  # the phase is the run's to set (observer)
     assert value(metrics, "spotlora_max_steps") == 100
 
     for _ in range(2):

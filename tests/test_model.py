@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from service import model as product
+from service.memory import estimate_memory
 from service.manifest.spec import LoraSpec, ModelSpec, QuantizationSpec
 
 torch = pytest.importorskip("torch")
@@ -78,7 +79,7 @@ def test_the_runtime_estimate_follows_the_frozen_dtype(tiny_model: Path) -> None
     estimates = {}
     for frozen_dtype in ("compute", "fp32"):
         peft_model = load(tiny_model, frozen_dtype)
-        estimates[frozen_dtype] = product.estimate_memory(
+        estimates[frozen_dtype] = estimate_memory(
             peft_model, max_length=512, gradient_checkpointing=True, weight_bytes=0
         )
     assert estimates["fp32"].per_sequence_bytes > estimates["compute"].per_sequence_bytes

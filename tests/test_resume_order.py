@@ -7,11 +7,17 @@ from typing import Any
 import pytest
 import yaml
 
+from service.checkpoint.resume import (
+    RunOrder,
+    fit_micro_batch,
+    order_settings,
+    plan_resume,
+    rows_sha256,
+)
 from service.cli import EXAMPLE_MANIFEST
 from service.distributed import launcher_exit_code
 from service.errors import ExitCode, ManifestError
 from service.manifest import JobSpec, validate_document
-from service.resume import RunOrder, fit_micro_batch, order_settings, plan_resume, rows_sha256
 
 ROWS = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service import samples
+from examples import samples
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,14 +27,13 @@ UID = 10001
 BUILD_TIMEOUT_SECONDS = 1500
 RUN_TIMEOUT_SECONDS = 600
 
-# The k8s cpu-quickstart init container's recipe, with fewer rows to stay fast.
-SAMPLES_SCRIPT = """
-from pathlib import Path
-from service.samples import write_synthetic_task, write_tiny_llama
-root = Path("/var/cache/spotlora/quickstart")
-write_tiny_llama(root / "model", seed=0)
-write_synthetic_task(root / "train.jsonl", n=128, seed=0)
-"""
+# The k8s cpu-quickstart init container's command, with fewer rows to stay fast.
+SAMPLES_ARGS = [
+    "/opt/spotlora/samples.py",
+    "--tiny-model=/var/cache/spotlora/quickstart/model",
+    "--task=/var/cache/spotlora/quickstart/train.jsonl",
+    "--rows=128",
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -178,7 +177,7 @@ def samples_cache(image: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model and data, written inside the container into the cache volume the
     way the cpu-quickstart overlay's init container does it."""
     cache = writable_by_pod_user(tmp_path_factory.mktemp("cache"))
-    done = Container(image, cache).run(["-c", SAMPLES_SCRIPT], entrypoint="python")
+    done = Container(image, cache).run(SAMPLES_ARGS, entrypoint="python")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (cache / "quickstart" / "model" / "config.json").is_file()
     assert (cache / "quickstart" / "train.jsonl").is_file()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from examples.evaluate import adapter_exact_match
 from examples.quickstart import prepare
-from service.evaluate import adapter_exact_match
-from service.samples import read_jsonl
+from examples.samples import read_jsonl
 from tests.jobs import job_env, run_job
 
 

@@ -7,8 +7,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from service.promotion import PUBLISHED_KEY
-from service.samples import make_synthetic_rows, write_jsonl
+from examples.samples import make_synthetic_rows, write_jsonl
+from service.history import PUBLISHED_KEY
 from service.storage import open_storage
 from tests.jobs import at_step, job_env, manifest, run_job, write_manifest
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.checkpoint import CheckpointStore
-from service.promotion import INDEX_PREFIX, PUBLISHED_KEY
+from service.checkpoint.store import CheckpointStore
+from service.history import INDEX_PREFIX, PUBLISHED_KEY
 from service.storage import open_storage
 from tests.conftest import REPO
 from tests.jobs import job_env, manifest, run_job, write_manifest

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import JobMetrics, Phase, attach
+from service.metrics.callback import attach
+from service.metrics.registry import JobMetrics, Phase
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "k8s" / "monitoring" / "prometheus-rules.yaml"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from service.metrics import JobMetrics, Phase
+from service.metrics.registry import JobMetrics, Phase
 from tests.integration.conftest import READY_TIMEOUT_SECONDS, free_port, require_binary
 
 USERNAME = "spotlora"

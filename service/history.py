@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -38,37 +37,6 @@ TRAINING_FIELDS = ("model", "quantization", "lora", "data", "training")
 def training_sha256(spec: JobSpec) -> str:
     relevant = {name: getattr(spec, name).model_dump(mode="json") for name in TRAINING_FIELDS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Decision:
-    promoted: bool
-    reason: str
-
-
-def decide(
-    eval_loss: float | None,
-    published_eval_loss: float | None,
-    has_published: bool,
-    max_increase: float,
-) -> Decision:
-    """Publish the first run; later ones only if no worse than the published adapter on the
-    same eval data, within the tolerance."""
-    if not has_published:
-        return Decision(True, "first run: nothing published yet")
-    if eval_loss is None or published_eval_loss is None:
-        return Decision(True, "no eval data to compare against: published without a gate")
-    if eval_loss <= published_eval_loss + max_increase:
-        return Decision(
-            True,
-            f"eval loss {eval_loss:.4f} <= published {published_eval_loss:.4f} "
-            f"+ tolerance {max_increase}",
-        )
-    return Decision(
-        False,
-        f"eval loss {eval_loss:.4f} > published {published_eval_loss:.4f} "
-        f"+ tolerance {max_increase}: not promoted",
-    )
 
 
 class RunHistory:
@@ -133,8 +101,9 @@ class RunHistory:
         return doomed
 
 
-def index_entry(record: dict[str, Any], decision: Decision | None) -> dict[str, Any]:
+def index_entry(record: dict[str, Any]) -> dict[str, Any]:
     """The index's line for a finished run: what a person looks for in the morning."""
+    promotion = record.get("promotion") or {}
     return {
         "run_id": record["run_id"],
         "status": record["status"],
@@ -145,6 +114,6 @@ def index_entry(record: dict[str, Any], decision: Decision | None) -> dict[str, 
         "training_sha256": record.get("training_sha256"),
         "steps": record.get("steps"),
         "losses": record.get("losses", {}),
-        "promoted": decision.promoted if decision else False,
-        "reason": decision.reason if decision else record.get("reason", ""),
+        "promoted": bool(promotion.get("promoted", False)),
+        "reason": promotion.get("reason") or record.get("reason", ""),
     }

@@ -16,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from service.errors import ManifestError
+from service.checkpoint.store import CheckpointStore, Committed, LoadCheck
+from service.distributed import Ranks, barrier, broadcast
+from service.errors import DependencyError, ManifestError, SpotloraError
 from service.manifest.spec import JobSpec
 
 log = structlog.get_logger(__name__)
@@ -156,3 +159,86 @@ def fit_micro_batch(recorded: int, accumulation: int, fits: int) -> tuple[int, i
         return recorded, accumulation
     divisor = max(d for d in range(1, min(fits, recorded) + 1) if recorded % d == 0)
     return divisor, accumulation * (recorded // divisor)
+
+
+class Resumer:
+    """Where a run resumes from: its own committed checkpoints once it has any, else the
+    seed's (checkpoint.resume_from). Rank 0 reads; one download per node."""
+
+    def __init__(
+        self, own: CheckpointStore, seed: CheckpointStore | None, spec: JobSpec, ranks: Ranks
+    ) -> None:
+        self.stores = [own, *([seed] if seed else [])]
+        self.seeded = seed is not None
+        self.spec = spec
+        self.ranks = ranks
+
+    def plan(self, train_rows: str) -> ResumePlan:
+        """Read what the checkpoint to resume recorded (nothing is fetched) and check this
+        attempt against it: before any model is loaded or anything claimed."""
+        found: tuple[int, dict[str, Any] | None] | None = None
+        if self.ranks.is_main:
+            for store in self.stores:
+                committed = store.newest_verified()
+                if committed is not None:
+                    found = (committed.step, committed.state)
+                    break
+            if found is None and self.seeded:
+                raise ManifestError(
+                    "spec.checkpoint.resume_from: no committed checkpoint at "
+                    f"{self.spec.checkpoint.resume_from}"
+                )
+        found = broadcast(found)  # type: ignore[assignment]
+        if found is None:
+            return ResumePlan(None, self.spec.training.gradient_accumulation)
+        step, state = found
+        recorded = RunOrder.from_state(state)
+        if recorded is None:
+            log.warning(
+                "resume_order_unrecorded",
+                step=step,
+                reason="checkpoint written by an older spotlora: its data order is not checked",
+            )
+        return self._check(recorded, step, train_rows)
+
+    def _check(self, recorded: RunOrder | None, step: int, train_rows: str) -> ResumePlan:
+        return plan_resume(
+            recorded,
+            step=step,
+            spec=self.spec,
+            world_size=self.ranks.world_size,
+            train_rows=train_rows,
+        )
+
+    def fetch(
+        self, local: Path, check: LoadCheck, train_rows: str, planned: ResumePlan
+    ) -> Committed | None:
+        """Download, verify and test-load the newest usable checkpoint, falling back to older
+        ones. A run whose own checkpoints are all unusable stops (keeping them) rather than
+        start over and throw every committed step away."""
+        committed: Committed | None = None
+        if self.ranks.is_local_main:
+            for store in self.stores:
+                tried = store.committed_keys()
+                committed = store.fetch_latest(local, check=check)
+                if committed is not None:
+                    break
+                if tried:
+                    raise DependencyError(
+                        f"none of the {len(tried)} committed checkpoints under "
+                        f"{store.storage.uri} can be resumed (see the log for each); they are "
+                        "kept. To start this run over, delete that prefix"
+                    )
+        committed = broadcast(committed)  # type: ignore[assignment]
+        barrier()
+        if committed is None:
+            return None
+        # What was fetched may be older (a fallback) or newer (a pod still committing when
+        # this one planned): it must continue the order the trainer was built for.
+        plan = self._check(RunOrder.from_state(committed.state), committed.step, train_rows)
+        if planned.micro_batch is not None and plan != planned:
+            raise SpotloraError(
+                f"the checkpoint at step {committed.step} changed while this pod started "
+                "(another pod committed with other settings); run again"
+            )
+        return committed

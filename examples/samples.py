@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from service.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt
+from service.data.shape import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt
 
 # ChatML, as SmolLM2 uses it, so the tiny model and the real one take the same 'chat' data.
 CHATML_TEMPLATE = (
@@ -351,3 +351,24 @@ def export_smollm2(path: Path) -> Path:
         if not _is_complete_export(path, stamp):
             raise
     return path
+
+
+def main() -> None:
+    """``python samples.py --tiny-model DIR --task FILE``: what the cpu-quickstart overlay's
+    init container writes into the cache volume, so nothing comes from a model hub."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--tiny-model", type=Path, help="write the tiny random-init Llama here")
+    parser.add_argument("--task", type=Path, help="write the synthetic alpaca task here (JSONL)")
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.tiny_model:
+        write_tiny_llama(args.tiny_model, seed=args.seed)
+    if args.task:
+        write_synthetic_task(args.task, n=args.rows, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

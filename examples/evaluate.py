@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from examples.samples import exact_match
 from service.manifest.spec import ModelSpec, QuantizationSpec
 from service.model import detect_device, load_quantized_model, load_tokenizer, resolve_compute_dtype
-from service.samples import exact_match
 
 
 def load_for_eval(model_dir: Path, adapter_dir: Path | None) -> tuple[Any, Any]:

@@ -1,0 +1,110 @@
+"""run.json: what a finished run did, assembled from what each part of it knows.
+
+Its keys are a contract with people and tools reading it (``spotlora runs show``, the run
+report, dashboards): add keys, never repurpose them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.history import training_sha256
+from service.manifest import LoadedManifest
+from service.versions import library_versions
+
+
+def losses(log_history: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    train = [h["loss"] for h in log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in log_history if "eval_loss" in h]
+    return {
+        "final_train": train[-1] if train else None,
+        "final_eval": evals[-1] if evals else None,
+        "best_eval": min(evals) if evals else None,
+    }
+
+
+def preemptions(attempts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every attempt that stopped early on a request: where, why, and the work it lost."""
+    return [
+        {
+            "pod": a.get("pod"),
+            "step": a.get("last_step"),
+            "committed_step": a.get("committed_step"),
+            "reason": a.get("reason"),
+            "lost_seconds": a.get("lost_seconds"),
+            "time": a.get("ended_unix"),
+        }
+        for a in attempts
+        if a.get("outcome") == "preempted"
+    ]
+
+
+@dataclass
+class RunFacts:
+    """What a run learns as it goes, for its record."""
+
+    loaded: LoadedManifest
+    run_id: str
+    world_size: int
+    started_unix: float = field(default_factory=time.time)
+    timings: dict[str, float] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    compute_dtype: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    train_rows: str = ""  # sha256 of the training rows, in order
+    data_order: dict[str, Any] | None = None
+    resumed_from_step: int | None = None
+    promotion: dict[str, Any] | None = None
+    trainer: Any = None  # once built: its state holds the steps and the log history
+    _t0: float = field(default_factory=time.monotonic)
+
+    def mark(self, name: str) -> float:
+        """Seconds since the run started, kept as ``<name>_seconds``."""
+        seconds = self.timings[f"{name}_seconds"] = round(time.monotonic() - self._t0, 3)
+        return seconds
+
+
+def build(
+    facts: RunFacts, status: str, *, steps: int, committer: Any, attempts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``committer``: the run's checkpoint.committer.BackgroundCommitter."""
+    log_history = list(facts.trainer.state.log_history) if facts.trainer else []
+    checkpoints = {
+        "committed_step": committer.last.step if committer.last else None,
+        "failed": committer.failures,
+    }
+    job = facts.loaded.job
+    events = sorted((e for a in attempts for e in a.get("events", [])), key=_time)
+    return {
+        "run_id": facts.run_id,
+        "status": status,
+        "name": job.metadata.name,
+        "manifest": job.model_dump(mode="json", by_alias=True),
+        "manifest_sha256": facts.loaded.sha256,
+        "manifest_origin": facts.loaded.origin,
+        "versions": library_versions(),
+        "device": facts.device,
+        "world_size": facts.world_size,
+        "compute_dtype": facts.compute_dtype,
+        "data": facts.data,
+        "training_sha256": training_sha256(job.spec),
+        "data_order": facts.data_order,
+        "promotion": facts.promotion,
+        "steps": steps,
+        "resumed_from_step": facts.resumed_from_step,
+        "losses": losses(log_history),
+        "checkpoints": checkpoints,
+        "attempts": attempts,
+        "preemptions": preemptions(attempts),
+        "timings": {"started_unix": facts.started_unix, **facts.timings},
+        "finished_unix": time.time(),
+        "events": events,
+        "log_history": log_history,
+    }
+
+
+def _time(event: dict[str, Any]) -> float:
+    return float(event.get("time") or 0)
