@@ -93,11 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> tuple[LoadedManifest, RuntimeSettings]:
+def _load(args: argparse.Namespace, settings: RuntimeSettings) -> LoadedManifest:
     from service.manifest import load_manifest
-    from service.settings import RuntimeSettings
 
-    settings = RuntimeSettings()
     # The manifest is read by load_manifest's own bounded reader: size-checked before it is
     # read whole (a HEAD first on S3), and decoded in one place.
     loaded = load_manifest(
@@ -106,7 +104,7 @@ def _load(args: argparse.Namespace) -> tuple[LoadedManifest, RuntimeSettings]:
         env_uri=settings.manifest_uri,
         overrides=args.overrides,
     )
-    return loaded, settings
+    return loaded
 
 
 def show_runs(args: argparse.Namespace) -> ExitCode:
@@ -174,7 +172,7 @@ def memory_report(spec: JobSpec, gpu_memory_gib: float) -> str:
     )
 
 
-def dispatch(args: argparse.Namespace) -> ExitCode:
+def dispatch(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
     if args.command == "schema":
         from service.manifest import FineTuneJob
 
@@ -205,7 +203,7 @@ def dispatch(args: argparse.Namespace) -> ExitCode:
                 storage.upload_file(path, path.name)
             log.info("report_written", path=str(path))
         return ExitCode.OK
-    loaded, settings = _load(args)
+    loaded = _load(args, settings)
     if args.command == "validate":
         import yaml
 
@@ -275,7 +273,7 @@ def _main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:
         return ExitCode.OK if exit_.code == 0 else ExitCode.INVALID_INPUT
-    code = _dispatch_reporting(args)
+    code = _dispatch_reporting(args, settings)
     if args.command == "run":
         from service.distributed import record_outcome
 
@@ -283,9 +281,9 @@ def _main(argv: list[str]) -> int:
     return code
 
 
-def _dispatch_reporting(args: argparse.Namespace) -> int:
+def _dispatch_reporting(args: argparse.Namespace, settings: RuntimeSettings) -> int:
     try:
-        return dispatch(args)
+        return dispatch(args, settings)
     except SpotloraError as err:
         log.error(
             "job_failed", error=str(err), exit_code=int(err.exit_code), outcome=type(err).__name__

@@ -123,17 +123,22 @@ def configure_logging(
     root.setLevel(level.upper())
     for name in NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
-    # transformers keeps its own handler and stops propagation; route it to ours.
-    import transformers.utils.logging as hf_logging
-
-    hf_logging.disable_default_handler()
-    hf_logging.enable_propagation()
-    hf_logging.set_verbosity(logging.WARNING)
-    if as_json:  # progress bars are carriage-return spam in a pod's log
-        import datasets
-
-        hf_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
     # Deprecations inside the libraries we call are theirs to fix, not the user's to read.
     warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6")
     logging.captureWarnings(True)
+
+
+def route_library_logging(*, progress_bars: bool) -> None:
+    """Send transformers' and datasets' records through the same chain. Called by a command
+    that is about to use them (importing them costs seconds; `validate` never does).
+    Progress bars are carriage-return spam in a pod's log: on a terminal only."""
+    import datasets
+    import transformers.utils.logging as hf_logging
+
+    # transformers keeps its own handler and stops propagation; route it to ours.
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity(logging.WARNING)
+    if not progress_bars:
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()

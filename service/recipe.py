@@ -19,7 +19,7 @@ import structlog
 from service import record
 from service.attempts import Attempt, AttemptLog
 from service.checkpoint.committer import BackgroundCommitter
-from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, order_settings, rows_sha256
+from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, rows_sha256
 from service.checkpoint.store import CheckpointStore
 from service.distributed import barrier, init_process_group, ranks_from_env
 from service.errors import ExitCode, Preempted, Superseded
@@ -243,13 +243,8 @@ class FineTuneRun:
             show_progress_bar=sys.stderr.isatty(),
             plan=self.plan,
         )
-        args = self.trainer.args
-        order = RunOrder(
-            int(args.per_device_train_batch_size),
-            int(args.gradient_accumulation_steps),
-            self.ranks.world_size,
-            self.facts.train_rows,
-            order_settings(self.spec),
+        order = RunOrder.of(
+            self.trainer.args, self.ranks.world_size, self.facts.train_rows, self.spec
         )
         self.safepoint.order_state = self.facts.data_order = order.state_dict()
         self.facts.trainer = self.trainer
@@ -340,6 +335,10 @@ def create_run(loaded: LoadedManifest, settings: RuntimeSettings, run_id: str) -
 
 
 def execute(loaded: LoadedManifest, settings: RuntimeSettings) -> ExitCode:
+    from service.logging import route_library_logging
+
+    fmt = settings.log_format
+    route_library_logging(progress_bars=fmt == "console" or (fmt == "auto" and sys.stderr.isatty()))
     ranks = ranks_from_env()
     run_id = settings.run_id or loaded.job.metadata.name
     structlog.contextvars.bind_contextvars(

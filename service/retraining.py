@@ -18,7 +18,7 @@ import structlog
 
 from service.history import RunHistory, training_sha256
 from service.manifest.spec import JobSpec
-from service.storage import download_prefix
+from service.storage import fetch_cached
 
 log = structlog.get_logger(__name__)
 
@@ -88,8 +88,12 @@ class RetrainingPolicy:
             return None
         run_id = self.published["run_id"]
         local = self.work_dir / "published" / run_id
-        if not local.is_dir():
-            download_prefix(self.history.run_storage(run_id).child(ADAPTER_DIR), local)
+        store = self.history.run_storage(run_id).child(ADAPTER_DIR)
+        objects = store.list_objects()
+        if not objects:
+            log.warning("published_adapter_missing", run_id=run_id, uri=store.uri)
+            return None
+        fetch_cached(store, objects, local)
         return local
 
     def warm_start(self, peft_model: Any) -> None:

@@ -73,6 +73,17 @@ class RunOrder:
     train_rows_sha256: str
     settings: dict[str, Any]
 
+    @classmethod
+    def of(cls, trainer_args: Any, world_size: int, train_rows: str, spec: JobSpec) -> RunOrder:
+        """The order a trainer built with these arguments will follow."""
+        return cls(
+            int(trainer_args.per_device_train_batch_size),
+            int(trainer_args.gradient_accumulation_steps),
+            world_size,
+            train_rows,
+            order_settings(spec),
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 

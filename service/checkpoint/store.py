@@ -114,19 +114,16 @@ class Committed:
         return self.manifest_key.rsplit("/", 1)[0]
 
 
-class CheckpointStore:
-    """The commit protocol over any Storage. One instance per writer process."""
+class PointerFile:
+    """LATEST: read strictly, written only against the version last read (compare-and-set).
+    Losing a write to another writer is Superseded: this process no longer owns the run."""
 
-    def __init__(self, storage: Storage, writer: str | None = None) -> None:
+    def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.writer = writer or uuid.uuid4().hex[:12]
-        self._pointer_tag: str | None = None
-        self._pointer: Pointer | None = None
+        self.current: Pointer | None = None  # as this process last wrote it
+        self.tag: str | None = None
 
-    # -- reading ---------------------------------------------------------------
-
-    def read_pointer(self) -> tuple[Pointer | None, str | None]:
-        """The pointer and its version tag; (None, None) when there is none."""
+    def read(self) -> tuple[Pointer | None, str | None]:
         info = self.storage.head(POINTER_KEY)
         if info is None:
             return None, None
@@ -141,6 +138,37 @@ class CheckpointStore:
                 f"version; if it is damaged, move it aside (e.g. to {POINTER_KEY}.damaged) and "
                 "the next attempt rebuilds it from the newest checkpoint that verifies"
             ) from None
+
+    def write(self, pointer: Pointer, expected_tag: str | None) -> None:
+        """Create it (``expected_tag`` None) or replace the version ``expected_tag``."""
+        try:
+            if expected_tag is None:
+                tag = self.storage.write_bytes(POINTER_KEY, pointer.to_json(), if_none_match=True)
+            else:
+                tag = self.storage.write_bytes(
+                    POINTER_KEY, pointer.to_json(), if_match=expected_tag
+                )
+        except PreconditionFailed:
+            raise Superseded(
+                "another process has taken over this run (its checkpoint pointer moved); "
+                "this one stops without writing"
+            ) from None
+        self.current, self.tag = pointer, tag
+
+
+class CheckpointStore:
+    """The commit protocol over any Storage. One instance per writer process."""
+
+    def __init__(self, storage: Storage, writer: str | None = None) -> None:
+        self.storage = storage
+        self.writer = writer or uuid.uuid4().hex[:12]
+        self.pointer = PointerFile(storage)
+
+    # -- reading ---------------------------------------------------------------
+
+    def read_pointer(self) -> tuple[Pointer | None, str | None]:
+        """The pointer and its version tag; (None, None) when there is none."""
+        return self.pointer.read()
 
     def _listed_manifests(self) -> list[str]:
         """Every manifest in storage, newest step first: for rebuilding a missing pointer."""
@@ -251,7 +279,7 @@ class CheckpointStore:
             step=found.step if found else 0,
             history=found.history if found else [],
         )
-        self._write_pointer(claimed, tag, fresh=tag is None)
+        self.pointer.write(claimed, tag)
         return found
 
     def _rebuilt_pointer(self, keep: int) -> Pointer | None:
@@ -275,21 +303,6 @@ class CheckpointStore:
             0, "", newest.manifest_key, newest.step, [c.manifest_key for c in verified[1:]]
         )
 
-    def _write_pointer(self, pointer: Pointer, expected_tag: str | None, *, fresh: bool) -> None:
-        try:
-            if fresh:
-                tag = self.storage.write_bytes(POINTER_KEY, pointer.to_json(), if_none_match=True)
-            else:
-                tag = self.storage.write_bytes(
-                    POINTER_KEY, pointer.to_json(), if_match=expected_tag
-                )
-        except PreconditionFailed:
-            raise Superseded(
-                "another process has taken over this run (its checkpoint pointer moved); "
-                "this one stops without writing"
-            ) from None
-        self._pointer, self._pointer_tag = pointer, tag
-
     def still_owner(self) -> bool:
         """Whether LATEST still names this writer as its owner (checked in storage)."""
         pointer, _ = self.read_pointer()
@@ -299,7 +312,8 @@ class CheckpointStore:
         self, local_dir: Path, step: int, keep: int, state: dict[str, Any] | None = None
     ) -> Committed:
         """Upload, then write the manifest, then move the pointer; then prune."""
-        if self._pointer is None:
+        old = self.pointer.current
+        if old is None:
             raise RuntimeError("claim() the run before committing")
         prefix = f"{self.writer}-step-{step:08d}"
         paths = sorted(p for p in local_dir.rglob("*") if p.is_file())
@@ -322,13 +336,10 @@ class CheckpointStore:
         self.storage.write_bytes(
             manifest_key, json.dumps(manifest, indent=1).encode(), if_none_match=True
         )
-        old = self._pointer
         history = [k for k in [old.manifest, *old.history] if k and k != manifest_key]
         history = history[: max(keep - 1, 0)]
-        self._write_pointer(
-            Pointer(old.generation, self.writer, manifest_key, step, history),
-            self._pointer_tag,
-            fresh=False,
+        self.pointer.write(
+            Pointer(old.generation, self.writer, manifest_key, step, history), self.pointer.tag
         )
         self._prune(keep=[manifest_key, *history])
         return Committed(step, manifest_key, files, state)

@@ -1,0 +1,62 @@
+"""What every store offers: the protocol, object info, and key arithmetic."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class PreconditionFailed(Exception):
+    """A conditional write lost: someone else wrote the key first or since."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+
+
+class Storage(Protocol):
+    uri: str
+
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def write_bytes(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write and return the new version tag. Raises PreconditionFailed when
+        ``if_none_match`` and the key exists, or ``if_match`` differs from its tag."""
+        ...
+
+    def upload_file(self, local: Path, key: str) -> None: ...
+
+    def download_file(self, key: str, local: Path) -> None: ...
+
+    def list_objects(self, prefix: str = "") -> list[ObjectInfo]: ...
+
+    def head(self, key: str) -> ObjectInfo | None: ...
+
+    def delete(self, keys: list[str]) -> None: ...
+
+    def child(self, prefix: str) -> Storage: ...
+
+
+def join(*parts: str) -> str:
+    """Join key parts with single slashes (keys are relative: no leading slash)."""
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def uri_join(base: str, *parts: str) -> str:
+    """Extend a storage URI (s3://bucket/prefix or a local path), keeping its root."""
+    return base.rstrip("/") + "/" + join(*parts) if parts else base
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

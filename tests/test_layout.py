@@ -1,0 +1,145 @@
+"""The shape of the package: one way imports flow, small rooms, and commands that do not pay
+for libraries they never use."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SERVICE = REPO / "service"
+# Lower layers never import higher ones. A new module must be placed here.
+LAYERS = {
+    # foundations: no other service module below them
+    "service": 0,
+    "service.errors": 0,
+    "service.uris": 0,
+    "service.versions": 0,
+    "service.logging": 0,
+    "service.settings": 1,
+    # the job and where bytes live
+    "service.manifest": 1,
+    "service.manifest.spec": 1,
+    "service.manifest.load": 1,
+    "service.storage": 1,
+    "service.storage.base": 1,
+    "service.storage.local": 1,
+    "service.storage.s3": 1,
+    "service.storage.cache": 1,
+    # one concern each, knowing nothing of the run that combines them
+    "service.distributed": 2,
+    "service.preemption": 2,
+    "service.attempts": 2,
+    "service.history": 2,
+    "service.memory": 2,
+    "service.report": 2,
+    "service.data": 2,
+    "service.data.read": 2,
+    "service.data.shape": 2,
+    "service.checkpoint": 2,
+    "service.checkpoint.store": 2,
+    "service.checkpoint.committer": 2,
+    "service.metrics": 2,
+    "service.metrics.push": 2,
+    "service.metrics.registry": 2,
+    # what training and publishing are made of
+    "service.model": 3,
+    "service.trainer": 3,
+    "service.checkpoint.resume": 3,
+    "service.checkpoint.safepoint": 3,
+    "service.metrics.callback": 3,
+    "service.retraining": 3,
+    "service.publication": 3,
+    "service.record": 3,
+    "service.observer": 3,
+    # the one module that wires them, and the command line above it
+    "service.recipe": 4,
+    "service.cli": 5,
+    "service.__main__": 5,
+}
+MAX_MODULE_LINES = 430
+MAX_CLASS_LINES = 240
+HEAVY = ("torch", "transformers", "datasets", "trl", "peft", "bitsandbytes", "accelerate")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def service_imports(tree: ast.AST) -> set[str]:
+    """Every service module imported anywhere in the file, inside functions too."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("service")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("service"):
+            found.add(node.module)
+            # `from service import data` imports the module service.data
+            found |= {f"{node.module}.{a.name}" for a in node.names} & LAYERS.keys()
+    return found
+
+
+MODULES = sorted(SERVICE.rglob("*.py"))
+
+
+def test_every_module_has_a_layer() -> None:
+    assert {module_name(p) for p in MODULES} == set(LAYERS)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_lower_layers_never_import_higher_ones(path: Path) -> None:
+    name = module_name(path)
+    for imported in service_imports(ast.parse(path.read_text())):
+        target = imported if imported in LAYERS else imported.rsplit(".", 1)[0]
+        assert LAYERS[target] <= LAYERS[name], f"{name} (layer {LAYERS[name]}) imports {target}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_rooms_stay_small(path: Path) -> None:
+    source = path.read_text()
+    assert len(source.splitlines()) <= MAX_MODULE_LINES
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            assert node.end_lineno is not None
+            assert node.end_lineno - node.lineno + 1 <= MAX_CLASS_LINES, node.name
+
+
+PROBE = """
+import json, sys
+from service.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in {heavy} if m in sys.modules)
+print(json.dumps({{"code": int(code), "heavy": heavy}}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["example"], ["schema"], ["validate", "-f", "{job}"], ["run", "-f", "{bad}"]],
+    ids=["help", "example", "schema", "validate", "run-with-bad-manifest"],
+)
+def test_commands_that_train_nothing_import_no_training_library(
+    argv: list[str], tmp_path: Path
+) -> None:
+    from service.cli import EXAMPLE_MANIFEST
+
+    (tmp_path / "job.yaml").write_text(EXAMPLE_MANIFEST)
+    (tmp_path / "bad.yaml").write_text("apiVersion: spotlora/v1\nkind: Nope\n")
+    args = [a.format(job=tmp_path / "job.yaml", bad=tmp_path / "bad.yaml") for a in argv]
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=repr(HEAVY)), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    result = json.loads(done.stderr.strip().splitlines()[-1])
+    assert result["code"] == (2 if argv[0] == "run" else 0), done.stderr[-2000:]
+    assert result["heavy"] == []
