@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from service import model as product
-from service.memory import estimate_memory
 from service.manifest.spec import LoraSpec, ModelSpec, QuantizationSpec
+from service.memory import estimate_memory
 
 torch = pytest.importorskip("torch")
 
