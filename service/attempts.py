@@ -44,6 +44,12 @@ class Attempt:
     committed_step: int | None = None  # the newest step this attempt committed
     reason: str | None = None
     lost_seconds: float | None = None
+    train_started_unix: float | None = None  # when setup ended and training began
+    instance_type: str | None = None
+    gpus: int = 1  # GPUs the attempt paid for: the run's processes
+    gpu_hour_usd: float | None = None
+    on_demand_gpu_hour_usd: float | None = None
+    price_source: str = "none"
     events: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -134,19 +134,27 @@ def show_runs(args: argparse.Namespace) -> ExitCode:
     published, _ = history.published()
     current = published["run_id"] if published else None
     sys.stdout.write(
-        f"{'RUN':24} {'STARTED (UTC)':20} {'STATUS':10} {'STEPS':>6} {'EVAL LOSS':>10}  "
-        "PUBLISHED  REASON\n"
+        f"{'RUN':24} {'STARTED (UTC)':20} {'STATUS':10} {'STEPS':>6} {'EVAL LOSS':>10} "
+        f"{'ATTEMPTS':>8} {'COST $':>11} {'LOST $':>11} {'LOST MIN':>8}  PUBLISHED  REASON\n"
     )
     for e in history.entries():
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["started_unix"]))
         eval_loss = (e.get("losses") or {}).get("final_eval")
         loss = f"{eval_loss:.4f}" if isinstance(eval_loss, float) else "-"
         mark = "*" if e["run_id"] == current else ("yes" if e["promoted"] else "no")
+        cost = e.get("cost") or {}
+        lost_minutes = (cost.get("lost_work_seconds", 0) + cost.get("restart_seconds", 0)) / 60
         sys.stdout.write(
             f"{e['run_id']:24} {started:20} {e['status']:10} {e.get('steps') or 0:>6} "
-            f"{loss:>10}  {mark:9}  {e.get('reason', '')}\n"
+            f"{loss:>10} {cost.get('attempts', '-'):>8} {_dollars(cost.get('total_usd')):>11} "
+            f"{_dollars(cost.get('lost_to_preemption_usd')):>11} {lost_minutes:>8.1f}  "
+            f"{mark:9}  {e.get('reason', '')}\n"
         )
     return ExitCode.OK
+
+
+def _dollars(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
 
 
 def memory_report(spec: JobSpec, gpu_memory_gib: float) -> str:

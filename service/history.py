@@ -62,6 +62,14 @@ class RunHistory:
         except PreconditionFailed:
             log.info("run_index_entry_exists", key=key)  # a restarted pod of the same run
 
+    def interruptions(self) -> tuple[float, int]:
+        """Running seconds and early ends over the job's earlier runs (their ledgers)."""
+        costs = [e.get("cost") or {} for e in self.entries()]
+        return (
+            sum(c.get("running_seconds", 0.0) for c in costs),
+            sum(c.get("interruptions", 0) for c in costs),
+        )
+
     def last_success(self) -> dict[str, Any] | None:
         done = [e for e in self.entries() if e["status"] == "succeeded"]
         return done[-1] if done else None
@@ -114,6 +122,7 @@ def index_entry(record: dict[str, Any]) -> dict[str, Any]:
         "training_sha256": record.get("training_sha256"),
         "steps": record.get("steps"),
         "losses": record.get("losses", {}),
+        "cost": record.get("cost"),
         "promoted": bool(promotion.get("promoted", False)),
         "reason": promotion.get("reason") or record.get("reason", ""),
     }

@@ -98,8 +98,8 @@ def check_compile_supported(device: Device) -> None:
     if not compiler or not shutil.which(compiler):
         raise ManifestError(
             "spec.training.torch_compile: Triton builds its kernels with a C compiler and none "
-            "was found (CC, gcc or clang on PATH); the spotlora image ships none (see README "
-            "'Performance'), or set it to false"
+            "was found (CC, gcc or clang on PATH); the spotlora image ships none (see "
+            "docs/manifest.md, 'Model'), or set it to false"
         )
 
 
@@ -287,7 +287,7 @@ def prepare_frozen_base(model: Any, *, upcast: bool) -> None:
     unquantized ones (embeddings, norms, LM head) to fp32, which makes the residual stream
     and each checkpointed layer input fp32 and casts the LM head back to half precision on
     every step: a fifth of a 7B step's time and 3.7 GiB at 16 x 512 tokens in fp16
-    (README.md, Performance). Each layer's output is a half-precision matmul's anyway, so the
+    (docs/performance.md). Each layer's output is a half-precision matmul's anyway, so the
     default keeps them in the compute dtype; upcast=True is peft's behaviour."""
     import torch
 

@@ -6,12 +6,15 @@ alone sets the phase gauge and writes the attempt record, and calls nothing back
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from service import ledger
 from service.attempts import AttemptLog
 from service.checkpoint.store import Committed
+from service.ledger import Price
 from service.metrics.registry import JobMetrics, Phase
 
 if TYPE_CHECKING:
@@ -26,6 +29,9 @@ class RunObserver:
         self.attempt = attempt
         self.is_main = is_main  # rank 0 keeps the attempt record
         self._stopping = False
+        self._earlier_usd = 0.0  # the run's earlier attempts, from the ledger
+        self._spent_until = time.time()
+        self._billed = False  # the final bill is set: the run's gauges stand
 
     def start(self, port: int | None, local_rank: int, **info: str) -> None:
         """Serve /metrics (local rank k on port + k: each GPU's throughput is its own) and
@@ -37,6 +43,30 @@ class RunObserver:
                 log.warning("metrics_server_unavailable", port=port, error=str(err))
         self.metrics.set_info(**info)
 
+    # -- money -------------------------------------------------------------------
+
+    def priced(self, instance_type: str | None, price: Price, gpus: int) -> list[dict[str, Any]]:
+        """This attempt's price, from its start; returns the ledger of the run's earlier
+        attempts."""
+        a = self.attempt.attempt
+        a.instance_type, a.gpus, a.price_source = instance_type, gpus, price.source
+        a.gpu_hour_usd, a.on_demand_gpu_hour_usd = price.gpu_hour_usd, price.on_demand_gpu_hour_usd
+        rows = [ledger.row(r) for r in self.attempt.history()]
+        bill = ledger.totals(rows, 0)
+        self._earlier_usd = (bill["total_usd"] or 0.0) - (rows[-1]["cost_usd"] or 0.0)
+        self.metrics.run_ledger(len(rows), bill["total_usd"], bill["lost_to_preemption_usd"])
+        log.info("attempt_priced", instance_type=instance_type, gpus=gpus, **vars(price))
+        return rows[:-1]
+
+    def _spend(self) -> None:
+        a = self.attempt.attempt
+        now = time.time()
+        if a.gpu_hour_usd is not None:
+            own = (now - a.started_unix) / 3600 * a.gpu_hour_usd * a.gpus
+            step = (now - self._spent_until) / 3600 * a.gpu_hour_usd * a.gpus
+            self.metrics.spent(step, self._earlier_usd + own)
+        self._spent_until = now
+
     # -- phases ------------------------------------------------------------------
 
     def phase(self, phase: Phase) -> None:
@@ -44,6 +74,8 @@ class RunObserver:
 
     def finished(self, outcome: Phase | None) -> None:
         """DONE, PREEMPTED or FAILED pushed; None (superseded) pushes nothing."""
+        if self.is_main and self.attempt.started and not self._billed:
+            self._spend()
         self.metrics.finish(outcome)
         self.metrics.close()
 
@@ -60,6 +92,11 @@ class RunObserver:
     def step_ended(self, step: int) -> None:
         if self.is_main:
             self.attempt.step(step)
+            self._spend()
+
+    def training(self) -> None:
+        self.attempt.attempt.train_started_unix = time.time()
+        self.phase(Phase.TRAINING)
 
     # -- the committer -------------------------------------------------------------
 
@@ -85,6 +122,11 @@ class RunObserver:
 
     def stopped(self, stop: Stop) -> None:
         log.warning("preempted", **vars(stop))
+        self._spend()
+        a = self.attempt.attempt
+        rate = a.gpu_hour_usd
+        dollars = None if rate is None else stop.lost_seconds / 3600 * rate * a.gpus
+        self.metrics.lost_work(stop.lost_seconds, dollars)
         self.attempt.event(
             "preempted", step=stop.step, reason=stop.reason, lost_seconds=stop.lost_seconds
         )
@@ -94,6 +136,11 @@ class RunObserver:
 
     def promotion(self, promoted: bool, reason: str) -> None:
         self.attempt.event("promotion", promoted=promoted, reason=reason)
+
+    def recorded(self, bill: dict[str, Any]) -> None:
+        """The run's final bill, as run.json has it."""
+        self._billed = True
+        self.metrics.run_ledger(bill["attempts"], bill["total_usd"], bill["lost_to_preemption_usd"])
 
     def attempt_ended(self, outcome: str, step: int, **fields: Any) -> None:
         """Once per attempt, on rank 0, and only for an attempt that claimed the run."""

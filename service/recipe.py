@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from service import record
+from service import ledger, record
 from service.attempts import Attempt, AttemptLog
 from service.checkpoint.committer import BackgroundCommitter
 from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, rows_sha256
@@ -158,6 +158,11 @@ class FineTuneRun:
         if self.ranks.is_main:
             found = self.checkpoints.claim(self.spec.checkpoint.keep)
             log.info("run_claimed", run_id=self.run_id, checkpoint_step=found and found.step)
+            # The attempt's price for the ledger, which also paces checkpoint.every_seconds: auto.
+            instance, price = ledger.attempt_price(self.spec, self.settings)
+            earlier = self.observer.priced(instance, price, self.ranks.world_size)
+            past = self.retraining.history.interruptions() if self.retraining else (0.0, 0)
+            self.safepoint.pace(ledger.interruptions(earlier), past)
             self.attempt.start()
         barrier()
         self._resume()
@@ -167,7 +172,7 @@ class FineTuneRun:
         from service.trainer import evaluate_adapter
 
         self._stop_if_requested()
-        self.observer.phase(Phase.TRAINING)
+        self.observer.training()
         try:
             self.trainer.train(resume_from_checkpoint=self.resume_dir and str(self.resume_dir))
         finally:
@@ -199,7 +204,7 @@ class FineTuneRun:
         if not self.checkpoints.still_owner():
             raise Superseded("another process took over this run; not publishing its outputs")
         self.facts.mark("save")
-        self.publisher.publish(
+        written = self.publisher.publish(
             staging,
             decision=self.decision,
             compared_tag=self.retraining.published_tag if self.retraining else None,
@@ -207,6 +212,7 @@ class FineTuneRun:
             record=self._final_record,
         )
         self.attempt.save()
+        self.observer.recorded(written["cost"])
 
     def record_skip(self) -> None:
         if self.ranks.is_main:

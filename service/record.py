@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service import ledger
 from service.history import training_sha256
 from service.manifest import LoadedManifest
 from service.versions import library_versions
@@ -26,19 +27,21 @@ def losses(log_history: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def preemptions(attempts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every attempt that stopped early on a request: where, why, and the work it lost."""
+def preemptions(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every attempt that ended early: where, why, and the work it lost."""
     return [
         {
-            "pod": a.get("pod"),
-            "step": a.get("last_step"),
-            "committed_step": a.get("committed_step"),
-            "reason": a.get("reason"),
-            "lost_seconds": a.get("lost_seconds"),
-            "time": a.get("ended_unix"),
+            "pod": r["pod"],
+            "outcome": r["outcome"],
+            "step": r["last_step"],
+            "committed_step": r["committed_step"],
+            "reason": r["reason"],
+            "lost_seconds": r["lost_seconds"],
+            "lost_usd": r["lost_usd"],
+            "time": r["ended_unix"],
         }
-        for a in attempts
-        if a.get("outcome") == "preempted"
+        for r in rows
+        if r["outcome"] in ("preempted", "killed")
     ]
 
 
@@ -78,6 +81,7 @@ def build(
     }
     job = facts.loaded.job
     events = sorted((e for a in attempts for e in a.get("events", [])), key=_time)
+    rows = [ledger.row(a) for a in attempts]
     return {
         "run_id": facts.run_id,
         "status": status,
@@ -97,8 +101,9 @@ def build(
         "resumed_from_step": facts.resumed_from_step,
         "losses": losses(log_history),
         "checkpoints": checkpoints,
-        "attempts": attempts,
-        "preemptions": preemptions(attempts),
+        "attempts": rows,
+        "preemptions": preemptions(rows),
+        "cost": ledger.totals(rows, ledger.trained_tokens(log_history)),
         "timings": {"started_unix": facts.started_unix, **facts.timings},
         "finished_unix": time.time(),
         "events": events,

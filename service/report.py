@@ -8,6 +8,8 @@ gone. It reads:
   cumulative per process, so a pair of entries across a restart (where it falls) is skipped.
 - `events`: `{"type": "checkpoint" | "preempted" | "resumed", "step": int, "time": float}`,
   drawn as vertical lines on every panel.
+- `attempts` and `cost`: the ledger (service.ledger), drawn as a timeline of attempts, each
+  coloured by how it ended, with the work it lost shaded, and summed up in the table.
 - `metadata.name`: the title.
 """
 
@@ -128,7 +130,62 @@ def summary(run_record: Mapping[str, Any]) -> dict[str, str]:
         "checkpoints": str(counts["checkpoint"]),
         "preemptions": str(counts["preempted"]),
         "resumes": str(counts["resumed"]),
+        **_bill(run_record.get("cost") or {}),
     }
+
+
+def _bill(cost: Mapping[str, Any]) -> dict[str, str]:
+    if not cost:
+        return {}
+
+    def usd(key: str) -> str:
+        value = _finite(cost.get(key))
+        return "-" if value is None else f"${value:,.4f}"
+
+    return {
+        "attempts": str(cost.get("attempts", "-")),
+        "cost": usd("total_usd"),
+        "lost to preemption": f"{usd('lost_to_preemption_usd')} "
+        f"({(cost.get('lost_work_seconds', 0) + cost.get('restart_seconds', 0)) / 60:.1f} min)",
+        "per million tokens": usd("per_million_tokens_usd"),
+        "on demand, the same run": usd("on_demand_usd"),
+    }
+
+
+OUTCOME_COLOURS = {
+    "done": "#009E73",
+    "preempted": "#E69F00",
+    "killed": "#D55E00",
+    "failed": "#CC79A7",
+    "superseded": "#999999",
+}
+
+
+def _attempts_timeline(ax: Axes, attempts: Sequence[Mapping[str, Any]]) -> None:
+    """One bar per attempt on wall-clock minutes, the lost work at its end shaded."""
+    starts = [_finite(a.get("started_unix")) for a in attempts]
+    t0 = min((s for s in starts if s is not None), default=None)
+    if t0 is None:
+        _no_data(ax, "no attempts recorded")
+        return
+    for i, a in enumerate(attempts):
+        start, end = _finite(a.get("started_unix")), _finite(a.get("ended_unix"))
+        if start is None or end is None:
+            continue
+        colour = OUTCOME_COLOURS.get(str(a.get("outcome")), NEUTRAL_COLOUR)
+        left, width = (start - t0) / 60, max(end - start, 0.0) / 60
+        ax.barh(i, width, left=left, color=colour, alpha=0.85, height=0.6)
+        lost = (_finite(a.get("lost_seconds")) or 0.0) / 60
+        if lost > 0:
+            ax.barh(i, min(lost, width), left=left + width - min(lost, width), color="none",
+                    edgecolor="#222222", hatch="///", height=0.6)  # fmt: skip
+        label = f"{a.get('outcome')}, +{a.get('steps_gained', 0)} steps"
+        if _finite(a.get("cost_usd")) is not None:
+            label += f", ${a['cost_usd']:.4f}"
+        ax.text(left + width, i, f"  {label}", va="center", fontsize=8)
+    ax.set_yticks(range(len(attempts)), [f"attempt {i + 1}" for i in range(len(attempts))])
+    ax.invert_yaxis()
+    ax.set_xlabel("minutes since the run's first attempt started (hatched: work lost)")
 
 
 def plot(run_record: Mapping[str, Any], path: Path) -> Path:
@@ -136,9 +193,12 @@ def plot(run_record: Mapping[str, Any], path: Path) -> Path:
     events = run_record.get("events") or []
     name = (run_record.get("metadata") or {}).get("name") or "spotlora run"
 
-    fig = Figure(figsize=(10, 9), layout="constrained")
+    attempts = run_record.get("attempts") or []
+    fig = Figure(figsize=(10, 10.5), layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, lr_ax, tps_ax = fig.subplots(3, 1, sharex=True, height_ratios=(2.2, 1, 1))
+    loss_ax, lr_ax, tps_ax, attempts_ax = fig.subplots(4, 1, height_ratios=(2.2, 1, 1, 0.9))
+    lr_ax.sharex(loss_ax)
+    tps_ax.sharex(loss_ax)
     train_steps, train_loss = _series(history, "loss")
     eval_steps, eval_loss = _series(history, "eval_loss")
     if train_steps:
@@ -170,6 +230,9 @@ def plot(run_record: Mapping[str, Any], path: Path) -> Path:
     tps_ax.set_ylabel("tokens / s")
     tps_ax.set_xlabel("step")
 
+    _attempts_timeline(attempts_ax, attempts)
+    for side in ("top", "right"):
+        attempts_ax.spines[side].set_visible(False)
     for ax in (loss_ax, lr_ax, tps_ax):
         _shade_lost_work(ax, events)
         _mark_events(ax, events)

@@ -39,6 +39,22 @@ class RuntimeSettings(BaseSettings):
     node_name: str | None = Field(
         default=None, description="The node this attempt runs on (downward API spec.nodeName)."
     )
+    instance_type: str | None = Field(
+        default=None,
+        description="The node's instance type, for the price table; default: asked of the "
+        "cloud's metadata server when preemption.spot_notice names the cloud.",
+    )
+    price_table: Path | None = Field(
+        default=None,
+        description="YAML or JSON file of '<instance type>: {spot_hour_usd, on_demand_hour_usd, "
+        "gpus}' (the k8s overlays mount one from a ConfigMap).",
+    )
+    gpu_hour_usd: float | None = Field(
+        default=None, gt=0, description="Price of a GPU-hour, when the manifest names none."
+    )
+    on_demand_gpu_hour_usd: float | None = Field(
+        default=None, gt=0, description="On-demand price of the same GPU-hour."
+    )
     cache_dir: Path = Field(
         default=Path.home() / ".cache" / "spotlora",
         description="Local cache for downloaded models and data, and the checkpoint staging area.",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,3 +178,37 @@ def adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+class RecordingGateway:
+    """A stand-in Pushgateway that keeps every push, in order: the final phase alone does not
+    show what a run went through."""
+
+    def __init__(self) -> None:
+        self.bodies: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.bodies.append(self.rfile.read(length).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            do_PUT = do_POST
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def phases(self) -> list[str]:
+        """The phase each push reported, consecutive repeats folded."""
+        seen: list[str] = []
+        for body in self.bodies:
+            match = re.search(r'spotlora_job_phase\{spotlora_job_phase="(\w+)"\} 1\.0', body)
+            if match and (not seen or seen[-1] != match[1]):
+                seen.append(match[1])
+        return seen

@@ -23,6 +23,7 @@ from service.manifest.load import (
     read_manifest_bytes,
 )
 from service.model import Device, check_compile_supported, resolve_compute_dtype
+from service.settings import RuntimeSettings
 from tests.jobs import ENTRYPOINT
 
 T4 = Device("cuda", "Tesla T4", (7, 5))
@@ -539,7 +540,7 @@ def test_manifest_that_is_a_directory_is_named(tmp_path: Path) -> None:
 )
 def test_cli_uri_arguments_are_checked(argv: list[str], expected: str) -> None:
     with pytest.raises(ManifestError) as info:
-        dispatch(_parser().parse_args(argv))
+        dispatch(_parser().parse_args(argv), RuntimeSettings())
     assert expected in str(info.value)
 
 

@@ -31,6 +31,7 @@ class BackgroundCommitter:
         self._thread: threading.Thread | None = None
         self._superseded: Superseded | None = None
         self.last: Committed | None = None
+        self.last_upload_seconds = 0.0
         self.failures: list[dict[str, Any]] = []
         self.on_commit: list[Callable[[Committed, float, int], None]] = []
         self.on_failure: list[Callable[[int, str], None]] = []
@@ -53,7 +54,7 @@ class BackgroundCommitter:
             size = sum(p.stat().st_size for p in local_dir.rglob("*") if p.is_file())
             committed = self.store.commit(local_dir, step, self.keep, state)
             self.last = committed
-            seconds = time.monotonic() - start
+            seconds = self.last_upload_seconds = time.monotonic() - start
             log.info(
                 "checkpoint_committed",
                 step=step,

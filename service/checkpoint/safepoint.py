@@ -20,6 +20,7 @@ import structlog
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from service.checkpoint.committer import BackgroundCommitter
+from service.checkpoint.interval import AutoInterval
 from service.distributed import (
     Ranks,
     any_rank,
@@ -99,7 +100,11 @@ class SafePointCallback(TrainerCallback):
     ) -> None:
         self.ranks = ranks or Ranks()
         self.every_steps = spec.checkpoint.every_steps
-        self.every_seconds = spec.checkpoint.every_seconds
+        every = spec.checkpoint.every_seconds
+        # checkpoint.every_seconds: auto; the recipe gives it the ledger's history.
+        self.auto = AutoInterval() if every == "auto" else None
+        self.every_seconds = None if every == "auto" else every
+        self._train_started = time.monotonic()
         self.committer = committer
         self.watcher = watcher
         self.work_dir = work_dir
@@ -115,6 +120,18 @@ class SafePointCallback(TrainerCallback):
         self._micro_started = time.monotonic()
         self._micro_in_step = 0
         self._staging = itertools.count()
+
+    def interval_seconds(self) -> float | None:
+        """Seconds between time-based checkpoints now (None: by steps only)."""
+        if self.auto is not None:
+            return self.auto.seconds(time.monotonic() - self._train_started)
+        return self.every_seconds
+
+    def pace(self, *histories: tuple[float, int]) -> None:
+        """The interruptions seen before (running seconds, early ends), for an auto interval."""
+        if self.auto is not None:
+            self.auto.history_seconds = sum(seconds for seconds, _ in histories)
+            self.auto.history_interruptions = sum(count for _, count in histories)
 
     def mark_resumed(self, step: int) -> None:
         self.last_saved_step = step
@@ -135,6 +152,7 @@ class SafePointCallback(TrainerCallback):
     ) -> None:
         # Work lost by a stop is counted from the last committed step: the start, until one.
         self.step_ended_unix[state.global_step] = time.time()
+        self._train_started = self._last_save_time = time.monotonic()
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -171,9 +189,10 @@ class SafePointCallback(TrainerCallback):
         self.step_ended_unix[step] = time.time()
         if self.listener is not None:
             self.listener.step_ended(step)
-        time_due = bool(
-            self.every_seconds and time.monotonic() - self._last_save_time >= self.every_seconds
-        )
+        # Rank 0's clock decides, as it measures the saves: every rank then agrees below.
+        interval = self.interval_seconds()
+        since = time.monotonic() - self._last_save_time
+        time_due = bool(self.ranks.is_main and interval and since >= interval)
         requested, time_due = any_rank(self.watcher.requested.is_set(), time_due)
         if requested:
             self.stop = StopState(preempted=True)
@@ -218,7 +237,11 @@ class SafePointCallback(TrainerCallback):
         log.info("checkpoint_saved", step=step, blocking_seconds=round(blocking, 3))
         if self.listener is not None:
             self.listener.checkpoint_saved(step, blocking)
-        self.committer.submit(staged, step, self.order_state)
+        queued = time.monotonic()
+        self.committer.submit(staged, step, self.order_state)  # waits for the previous upload
+        if self.auto is not None:
+            waited = time.monotonic() - queued
+            self.auto.saved(blocking + waited, self.committer.last_upload_seconds)
 
     def _gather_rng_files(self, folder: Path) -> None:
         name = f"rng_state_{self.ranks.rank}.pth"

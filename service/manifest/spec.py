@@ -11,30 +11,28 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, field_validator, model_validator
 
-from service.uris import check_http_url, check_model_source, check_storage_uri, has_userinfo
+from service.manifest.base import SECRET_ERROR_TYPES, Strict
+from service.manifest.running import CheckpointSpec, CostSpec, MetricsSpec, PreemptionSpec
+from service.uris import check_model_source, check_storage_uri
+
+__all__ = [
+    "SECRET_ERROR_TYPES",
+    "CheckpointSpec",
+    "CostSpec",
+    "DataSpec",
+    "FineTuneJob",
+    "JobSpec",
+    "LoraSpec",
+    "MetricsSpec",
+    "ModelSpec",
+    "PreemptionSpec",
+    "QuantizationSpec",
+]
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Errors whose input must not be echoed back to the user (and so to the logs).
-URL_CREDENTIALS_ERROR = "url_credentials"
-SECRET_ERROR_TYPES = (URL_CREDENTIALS_ERROR,)
-
-
-def _refuse_credentials(url: str, advice: str) -> None:
-    """A URL with ``user:password@``: an error whose message does not repeat the URL."""
-    if has_userinfo(url):
-        raise PydanticCustomError(
-            URL_CREDENTIALS_ERROR,
-            "credentials in the URL would be logged and saved in run.json: {advice}",
-            {"advice": advice},
-        )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class Metadata(Strict):
@@ -231,99 +229,15 @@ class TrainingSpec(Strict):
     torch_compile: bool = Field(
         default=False,
         description="Compile each decoder layer with torch.compile, fusing the elementwise work "
-        "around the 4-bit matmuls (+17% tokens/s on a 7B shape, README.md) for about 10 s of "
-        "compiling at each start. Needs a CUDA GPU of compute capability >= 8.0: the Triton "
-        "that PyTorch ships no longer supports Turing (T4).",
+        "around the 4-bit matmuls (+17% tokens/s on a 7B shape, docs/performance.md) for "
+        "about 10 s of compiling at each start. Needs a CUDA GPU of compute capability "
+        ">= 8.0: the Triton that PyTorch ships no longer supports Turing (T4).",
     )
     logging_steps: int = Field(default=10, ge=1, description="Optimizer steps between log lines.")
     eval_steps: int | None = Field(
         default=None, ge=1, description="Evaluate every N steps (default: at the end only)."
     )
     seed: int = Field(default=42, ge=0, description="Seed for initialisation, dropout and order.")
-
-
-class CheckpointSpec(Strict):
-    uri: str | None = Field(
-        default=None,
-        description="Where checkpoints go (local dir or s3://); default <output.uri>/checkpoints/.",
-    )
-    every_steps: int | None = Field(
-        default=50, ge=1, description="Commit a checkpoint every N optimizer steps."
-    )
-    every_seconds: float | None = Field(
-        default=600, gt=0, description="Commit a checkpoint at least this often (wall clock)."
-    )
-    keep: int = Field(default=2, ge=1, description="Committed checkpoints to keep per run.")
-    grace_period_seconds: float = Field(
-        default=15,
-        gt=0,
-        le=3600,
-        description="Seconds the platform allows between SIGTERM and SIGKILL; the final checkpoint "
-        "must be committed within it. Keep terminationGracePeriodSeconds at least this.",
-    )
-    resume_from: str | None = Field(
-        default=None,
-        description="Start from another run's committed checkpoints: the URI of its checkpoint "
-        "prefix (the folder holding LATEST), instead of this run's own.",
-    )
-
-    @field_validator("uri", "resume_from")
-    @classmethod
-    def checkpoint_uris_are_paths_or_s3(cls, value: str | None) -> str | None:
-        return None if value is None else check_storage_uri(value)
-
-
-class PreemptionSpec(Strict):
-    spot_notice: Literal["none", "aws", "gce"] = Field(
-        default="none", description="Poll this cloud's metadata server for a spot interruption."
-    )
-    poll_interval_seconds: float = Field(
-        default=5, gt=0, description="How often to poll the metadata server."
-    )
-    aws_metadata_endpoint: str = Field(
-        default="http://169.254.169.254", description="AWS IMDS base URL (IMDSv2)."
-    )
-    gce_metadata_endpoint: str = Field(
-        default="http://metadata.google.internal", description="GCE metadata server base URL."
-    )
-    max_runtime_seconds: float | None = Field(
-        default=None,
-        gt=0,
-        description="Checkpoint and exit 75 after this long, leaving the rest to the next pod.",
-    )
-
-    @field_validator("aws_metadata_endpoint", "gce_metadata_endpoint")
-    @classmethod
-    def metadata_endpoints_are_http(cls, value: str) -> str:
-        _refuse_credentials(value, "a metadata server takes none")
-        return check_http_url(value)
-
-
-class MetricsSpec(Strict):
-    port: int | None = Field(
-        default=9090, ge=0, le=65535, description="Port for /metrics; null disables the server."
-    )
-    pushgateway_url: str | None = Field(
-        default=None,
-        description="Prometheus Pushgateway (http:// or https://) to push to at phase changes "
-        "and the end. No credentials in the URL: basic auth comes from the environment "
-        "(SPOTLORA_PUSHGATEWAY_USERNAME and SPOTLORA_PUSHGATEWAY_PASSWORD or "
-        "SPOTLORA_PUSHGATEWAY_PASSWORD_FILE).",
-    )
-
-    @field_validator("pushgateway_url")
-    @classmethod
-    def pushgateway_url_is_http_without_credentials(cls, value: str | None) -> str | None:
-        """A password in the manifest would be logged and copied into run.json, and urllib
-        would take ``user:password@host`` for the host name. The error must not echo it."""
-        if value is None:
-            return None
-        _refuse_credentials(
-            value,
-            "remove 'user:password@' and set SPOTLORA_PUSHGATEWAY_USERNAME and "
-            "SPOTLORA_PUSHGATEWAY_PASSWORD (or SPOTLORA_PUSHGATEWAY_PASSWORD_FILE) instead",
-        )
-        return check_http_url(value)
 
 
 class OutputSpec(Strict):
@@ -386,6 +300,9 @@ class JobSpec(Strict):
         default_factory=PromotionSpec,
         description="Scheduled retraining: skipping, warm starts, gating and retention. "
         "Applies when output.per_run is on.",
+    )
+    cost: CostSpec = Field(
+        default_factory=CostSpec, description="GPU prices for the run's cost ledger."
     )
 
     @model_validator(mode="after")

@@ -21,20 +21,16 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
-from enum import StrEnum
 from typing import Any
 
 import structlog
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
-    Enum,
-    Gauge,
-    Histogram,
-    Info,
     start_http_server,
 )
 
+from service.metrics.instruments import Instruments
+from service.metrics.phase import Phase
 from service.metrics.push import Pusher
 from service.versions import package_version
 
@@ -43,169 +39,9 @@ log = structlog.get_logger(__name__)
 DEFAULT_PORT = 9090
 PUSH_TIMEOUT_SECONDS = 5.0
 
-# Saving a QLoRA adapter blocks for well under a second on a T4; uploads take seconds to minutes.
-SAVE_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-UPLOAD_BUCKETS_SECONDS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 # Distribution names reported in spotlora_build_info.
 BUILD_PACKAGES = ("spotlora", "torch", "transformers", "peft", "trl", "bitsandbytes")
-
-
-class Phase(StrEnum):
-    LOADING = "loading"
-    TRAINING = "training"
-    CHECKPOINTING = "checkpointing"
-    EXPORTING = "exporting"
-    DONE = "done"
-    PREEMPTED = "preempted"  # stopped early to be resumed: not a failure
-    FAILED = "failed"
-
-
-class Instruments:
-    """Every metric a job exposes, defined once: name, help, unit, buckets."""
-
-    def __init__(self, r: CollectorRegistry, success_registry: CollectorRegistry) -> None:
-        self.phase = Enum(
-            "spotlora_job_phase",
-            "Current phase of the job; exactly one state is 1.",
-            states=[p.value for p in Phase],
-            registry=r,
-        )
-        self.job_start_time = Gauge(
-            "spotlora_job_start_time_seconds",
-            "Unix time this process started the job.",
-            registry=r,
-        )
-        self.build_info = Info(
-            "spotlora_build",
-            "Versions of spotlora and the training libraries in this image.",
-            registry=r,
-        )
-        self.job_info = Info(
-            "spotlora_job",
-            "What this job trains: base model and manifest hash.",
-            registry=r,
-        )
-
-        self.global_step = Gauge(
-            "spotlora_global_step", "Optimizer steps completed, counting resumed ones.", registry=r
-        )
-        self.max_steps = Gauge(
-            "spotlora_max_steps", "Optimizer steps the run will take in total.", registry=r
-        )
-        self.epoch = Gauge("spotlora_epoch", "Fractional epoch reached.", registry=r)
-        # A label, not two gauges: a labelled series appears only once a value is logged, so
-        # there is no fake loss of 0 before the first logging step or evaluation.
-        self.loss = Gauge(
-            "spotlora_loss",
-            "Last logged loss, by split (train: mean over the logging window).",
-            ["split"],
-            registry=r,
-        )
-        self.learning_rate = Gauge(
-            "spotlora_learning_rate", "Last logged learning rate.", registry=r
-        )
-        self.grad_norm = Gauge(
-            "spotlora_grad_norm", "Last logged gradient norm, before clipping.", registry=r
-        )
-        self.tokens = Counter(
-            "spotlora_train_tokens",
-            "Training tokens processed by this process (non-padding, as counted by trl).",
-            registry=r,
-        )
-        self.samples = Counter(
-            "spotlora_train_samples",
-            "Training sequences processed by this process (packed sequences count once).",
-            registry=r,
-        )
-        self.tokens_per_second = Gauge(
-            "spotlora_train_tokens_per_second",
-            "Training throughput between the last two logging steps.",
-            registry=r,
-        )
-
-        self.gpu_memory_allocated = Gauge(
-            "spotlora_gpu_memory_allocated_bytes",
-            "GPU memory held by tensors (torch.cuda.memory_allocated).",
-            registry=r,
-        )
-        self.gpu_memory_reserved = Gauge(
-            "spotlora_gpu_memory_reserved_bytes",
-            "GPU memory reserved by torch's caching allocator.",
-            registry=r,
-        )
-        self.gpu_memory_max_allocated = Gauge(
-            "spotlora_gpu_memory_max_allocated_bytes",
-            "Peak GPU memory held by tensors since the process started.",
-            registry=r,
-        )
-        self.gpu_utilization = Gauge(
-            "spotlora_gpu_utilization_ratio",
-            "GPU busy fraction over the last sample period, 0..1 (needs pynvml).",
-            registry=r,
-        )
-
-        self.checkpoint_save = Histogram(
-            "spotlora_checkpoint_save_seconds",
-            "Time training was blocked while a checkpoint was snapshotted.",
-            buckets=SAVE_BUCKETS_SECONDS,
-            registry=r,
-        )
-        self.checkpoint_upload = Histogram(
-            "spotlora_checkpoint_upload_seconds",
-            "Time to upload and commit a checkpoint, off the training thread.",
-            buckets=UPLOAD_BUCKETS_SECONDS,
-            registry=r,
-        )
-        self.checkpoint_upload_bytes = Counter(
-            "spotlora_checkpoint_upload_bytes",
-            "Bytes of committed checkpoints uploaded.",
-            registry=r,
-        )
-        self.checkpoints_committed = Counter(
-            "spotlora_checkpoints_committed", "Checkpoints committed.", registry=r
-        )
-        self.checkpoint_failures = Counter(
-            "spotlora_checkpoint_commit_failures",
-            "Checkpoints whose upload or commit failed (the previous commit stands).",
-            registry=r,
-        )
-        self.last_checkpoint_time = Gauge(
-            "spotlora_checkpoint_last_committed_timestamp_seconds",
-            "Unix time of the last committed checkpoint; 0 until the first one.",
-            registry=r,
-        )
-        self.last_checkpoint_step = Gauge(
-            "spotlora_checkpoint_last_committed_step",
-            "Global step of the last committed checkpoint.",
-            registry=r,
-        )
-        self.preemptions = Counter(
-            "spotlora_preemptions",
-            "Preemption notices or stop signals received by this process.",
-            registry=r,
-        )
-        self.resumes = Counter(
-            "spotlora_resumes",
-            "Runs resumed from a committed checkpoint by this process.",
-            registry=r,
-        )
-        self.runs_skipped = Counter(
-            "spotlora_runs_skipped",
-            "Scheduled runs that exited early: data and training settings unchanged.",
-            registry=r,
-        )
-        self.rows_skipped_total = Counter(
-            "spotlora_data_rows_skipped",
-            "Dataset rows dropped as unusable (empty, malformed, too long).",
-            registry=r,
-        )
-
-        self.last_success = Gauge(
-            "spotlora_last_success_timestamp_seconds",
-            "Unix time the job last finished successfully. Pushed only, and only on success.",
-            registry=success_registry,
-        )
 
 
 class JobMetrics:
@@ -321,6 +157,22 @@ class JobMetrics:
 
     def skipped(self) -> None:
         self.m.runs_skipped.inc()
+
+    def spent(self, dollars: float, run_total: float) -> None:
+        self.m.cost.inc(max(dollars, 0.0))
+        self.m.run_cost.set(run_total)
+
+    def lost_work(self, seconds: float, dollars: float | None) -> None:
+        self.m.lost_work_seconds.inc(max(seconds, 0.0))
+        if dollars is not None:
+            self.m.lost_work_cost.inc(max(dollars, 0.0))
+
+    def run_ledger(self, attempts: int, total_usd: float | None, lost_usd: float | None) -> None:
+        self.m.run_attempts.set(attempts)
+        if total_usd is not None:
+            self.m.run_cost.set(total_usd)
+        if lost_usd is not None:
+            self.m.run_lost_cost.set(lost_usd)
 
     def rows_skipped(self, n: int) -> None:
         if n > 0:

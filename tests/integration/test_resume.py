@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import pickle
-import re
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ import pytest
 import torch
 
 from tests.jobs import (
+    RecordingGateway,
     adapter_tensors,
     at_step,
     job_env,
@@ -198,40 +196,6 @@ def test_odd_states_after_a_restart_neither_lose_progress_nor_replay(
     assert resumed.named("resuming")[0]["step"] == committed[1]
     assert resumed.named("resume_keeps_batch_size")[0]["micro_batch"] == 2
     assert_same_run(out, reference)
-
-
-class RecordingGateway:
-    """A stand-in Pushgateway that keeps every push, in order: the final phase alone does not
-    show what a run went through."""
-
-    def __init__(self) -> None:
-        self.bodies: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                outer.bodies.append(self.rfile.read(length).decode())
-                self.send_response(200)
-                self.end_headers()
-
-            do_PUT = do_POST
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def phases(self) -> list[str]:
-        """The phase each push reported, consecutive repeats folded."""
-        seen: list[str] = []
-        for body in self.bodies:
-            match = re.search(r'spotlora_job_phase\{spotlora_job_phase="(\w+)"\} 1\.0', body)
-            if match and (not seen or seen[-1] != match[1]):
-                seen.append(match[1])
-        return seen
 
 
 def test_a_seeded_run_resumes_its_own_checkpoints_after_a_preemption(
