@@ -8,6 +8,7 @@ CronJob pair that must not drift apart.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from deploy_support import (
@@ -279,3 +280,29 @@ def test_gke_service_account_matches_the_google_service_account() -> None:
     email = account["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
     assert email.split("@")[0] == tf_variable_default(gcp, "job_service_account_id")
     assert account["metadata"]["namespace"] == tf_variable_default(gcp, "namespace")
+
+
+@pytest.mark.parametrize("name", RENDERABLE)
+def test_every_job_gets_the_price_table_it_is_pointed_at(name: str, tmp_path: Path) -> None:
+    """The cost ledger's prices: a ConfigMap the trainer reads at SPOTLORA_PRICE_TABLE, in the
+    ledger's own format, naming the instance types the Terraform node groups create."""
+    from service.ledger import load_price_table, price_from_table
+
+    docs = rendered(name)
+    env = {e["name"]: e for e in trainer(docs)["env"]}
+    table_path = Path(env["SPOTLORA_PRICE_TABLE"]["value"])
+    mounts = {m["name"]: m["mountPath"] for m in trainer(docs)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    assert mounts["prices"] == str(table_path.parent)
+    config_map = next(
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap"
+        and d["metadata"]["name"] == volumes["prices"]["configMap"]["name"]
+    )
+    (tmp_path / "prices.yaml").write_text(config_map["data"][table_path.name])
+    table = load_price_table(tmp_path / "prices.yaml")
+    for instance in ("g4dn.xlarge", "g4dn.2xlarge", "g4dn.12xlarge"):  # terraform/aws
+        assert price_from_table(table, instance).gpu_hour_usd, instance
+    if "SPOTLORA_INSTANCE_TYPE" in env:  # an overlay that names its nodes' type must price it
+        assert price_from_table(table, env["SPOTLORA_INSTANCE_TYPE"]["value"]).gpu_hour_usd

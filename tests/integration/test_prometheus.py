@@ -196,7 +196,7 @@ def test_failed_run_leaves_the_last_success_on_the_gateway(pushgateway: str) -> 
     before = time.time()
     with JobMetrics(job, pushgateway_url=pushgateway) as ok:
         ok.set_phase(Phase.TRAINING)
-        ok.global_step.set(100)
+        ok.m.global_step.set(100)
         ok.finish(Phase.DONE)
     pushed = gateway_samples(pushgateway, job)
     stamp = pushed[key]
@@ -206,7 +206,7 @@ def test_failed_run_leaves_the_last_success_on_the_gateway(pushgateway: str) -> 
 
     with JobMetrics(job, pushgateway_url=pushgateway) as crashed:
         crashed.set_phase(Phase.TRAINING)
-        crashed.global_step.set(7)
+        crashed.m.global_step.set(7)
         crashed.finish(Phase.FAILED)
     after_failure = gateway_samples(pushgateway, job)
     assert after_failure[key] == stamp
