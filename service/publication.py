@@ -1,6 +1,7 @@
 """A finished run's outputs, written in the order that makes a crash anywhere safe.
 
-1. The adapter's files. An older run.json is deleted first: it must not vouch for new files.
+1. The adapter's files (and a merged export, service.export). An older run.json is deleted
+   first: it must not vouch for new files.
 2. PUBLISHED, when the promotion gate chose this run: conditional on the version the gate
    compared against, so a run that published meanwhile is never replaced unseen.
 3. run.json, once (If-None-Match): a reader that finds it finds everything it describes.
@@ -64,21 +65,24 @@ class Publisher:
             self._index(record)
         return record
 
+    def upload_adapter(self, adapter: Path) -> None:
+        """Step 1. An older run.json is deleted first: it must not vouch for new files."""
+        if self.output.head(RUN_RECORD) is not None:
+            self.output.delete([RUN_RECORD])
+        for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
+            self.output.upload_file(path, f"{ADAPTER_DIR}/{path.relative_to(adapter).as_posix()}")
+
     def publish(
         self,
-        adapter: Path,
         *,
         decision: Decision | None,
         compared_tag: str | None,
         eval_loss: float | None,
         record: Callable[[Decision | None], dict[str, Any]],
     ) -> dict[str, Any]:
-        """Steps 1 to 4; returns the record written. Losing the PUBLISHED race is recorded in
-        run.json first, then raised (PublicationConflict)."""
-        if self.output.head(RUN_RECORD) is not None:
-            self.output.delete([RUN_RECORD])
-        for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
-            self.output.upload_file(path, f"{ADAPTER_DIR}/{path.relative_to(adapter).as_posix()}")
+        """Steps 2 to 4, once the adapter (and any merged export) is uploaded; returns the
+        record written. Losing the PUBLISHED race is recorded in run.json first, then raised
+        (PublicationConflict)."""
         conflict = None
         if decision is not None and decision.promoted and self.history is not None:
             try:

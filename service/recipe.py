@@ -204,8 +204,8 @@ class FineTuneRun:
         if not self.checkpoints.still_owner():
             raise Superseded("another process took over this run; not publishing its outputs")
         self.facts.mark("save")
+        self.publisher.upload_adapter(staging)
         written = self.publisher.publish(
-            staging,
             decision=self.decision,
             compared_tag=self.retraining.published_tag if self.retraining else None,
             eval_loss=record.losses(self.trainer.state.log_history)["final_eval"],

@@ -35,6 +35,7 @@ def build_trainer(
     callbacks: list[TrainerCallback],
     show_progress_bar: bool,
     plan: ResumePlan | None = None,
+    report_to: list[str] | None = None,
 ) -> Any:
     """``plan`` carries the micro-batch and accumulation a resumed run must keep."""
     import datasets
@@ -70,7 +71,7 @@ def build_trainer(
         eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps,
         save_strategy="no",  # checkpoints are driven by SafePointCallback
-        report_to="none",
+        report_to=report_to or "none",  # experiment trackers: service.tracking
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=on_cpu,

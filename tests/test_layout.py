@@ -29,6 +29,7 @@ LAYERS = {
     "service.manifest.load": 1,
     "service.manifest.base": 1,
     "service.manifest.running": 1,
+    "service.manifest.results": 1,
     "service.storage": 1,
     "service.storage.base": 1,
     "service.storage.local": 1,

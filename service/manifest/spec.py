@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from service.manifest.base import SECRET_ERROR_TYPES, Strict
+from service.manifest.results import EvaluationSpec, ExportSpec, TrackingSpec
 from service.manifest.running import CheckpointSpec, CostSpec, MetricsSpec, PreemptionSpec
 from service.uris import check_model_source, check_storage_uri
 
@@ -22,6 +23,8 @@ __all__ = [
     "CheckpointSpec",
     "CostSpec",
     "DataSpec",
+    "EvaluationSpec",
+    "ExportSpec",
     "FineTuneJob",
     "JobSpec",
     "LoraSpec",
@@ -29,6 +32,7 @@ __all__ = [
     "ModelSpec",
     "PreemptionSpec",
     "QuantizationSpec",
+    "TrackingSpec",
 ]
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -276,6 +280,20 @@ class PromotionSpec(Strict):
         description="Delete outputs and checkpoints of all but the newest N runs (the published "
         "one is always kept). Null keeps everything.",
     )
+    metric: Literal["eval_loss", "exact_match", "contains", "regex"] = Field(
+        default="eval_loss",
+        description="What the gate compares: eval loss (lower is better, within "
+        "max_eval_loss_increase) or one of evaluation.metrics (higher is better, within "
+        "max_metric_decrease), both measured on this run's eval data for this run and the "
+        "published adapter.",
+    )
+    max_metric_decrease: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="With a task metric: publish only if it is at most this much below the "
+        "published adapter's.",
+    )
 
 
 class JobSpec(Strict):
@@ -304,6 +322,26 @@ class JobSpec(Strict):
     cost: CostSpec = Field(
         default_factory=CostSpec, description="GPU prices for the run's cost ledger."
     )
+    export: ExportSpec = Field(
+        default_factory=ExportSpec, description="A merged model to serve, besides the adapter."
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec,
+        description="Generation samples and task metrics, before and after training.",
+    )
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers to report to."
+    )
+
+    @model_validator(mode="after")
+    def promotion_metric_is_computed(self) -> JobSpec:
+        metric = self.promotion.metric
+        if metric != "eval_loss" and metric not in self.evaluation.metrics:
+            raise ValueError(
+                f"promotion.metric {metric!r} must be one of evaluation.metrics, which is "
+                f"{self.evaluation.metrics or 'empty'}"
+            )
+        return self
 
     @model_validator(mode="after")
     def warm_start_needs_per_run_outputs(self) -> JobSpec:
