@@ -13,7 +13,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,63 +149,15 @@ def write_synthetic_splits(
 # ---------------------------------------------------------------------------------------------
 
 
-def disable_cpu_inference_repack(model: torch.nn.Module) -> None:
-    """Keep bitsandbytes 4-bit layers trainable after an evaluation on CPU.
-
-    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight into an
-    inference-only layout on its first eval-mode, no-grad forward; training afterwards gets
-    almost no gradient through it. Turning the fast path off costs some inference speed only.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def _batches(rows: Sequence[Row], size: int) -> Iterator[Sequence[Row]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
-
-
-@torch.no_grad()
-def generate_responses(
-    model: Any, tokenizer: Any, rows: Sequence[Row], *, max_new_tokens: int, batch_size: int = 16
-) -> list[str]:
-    """Greedy responses to the alpaca prompts of ``rows``, batched with left padding."""
-    disable_cpu_inference_repack(model)
-    was_training = model.training
-    padding_side = tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    responses: list[str] = []
-    try:
-        for batch in _batches(rows, batch_size):
-            encoded = tokenizer(
-                [alpaca_prompt(row) for row in batch], return_tensors="pt", padding=True
-            ).to(model.device)
-            generated = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return responses
-
-
 def exact_match(model: Any, tokenizer: Any, rows: Sequence[Row], max_new_tokens: int = 32) -> float:
     """Share of rows whose stripped greedy response equals ``output``: the before/after figure."""
+    from service.evaluation import generate, score
+
     if not rows:
         raise ValueError("exact_match needs at least one row")
-    responses = generate_responses(model, tokenizer, rows, max_new_tokens=max_new_tokens)
-    hits = sum(r.strip() == row["output"].strip() for r, row in zip(responses, rows, strict=True))
-    return hits / len(rows)
+    prompts = [alpaca_prompt(row) for row in rows]
+    responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return score(responses, [row["output"] for row in rows], ["exact_match"], None)["exact_match"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,6 +134,12 @@ class RunObserver:
             "preempted", stop.step, reason=stop.reason, lost_seconds=stop.lost_seconds
         )
 
+    def evaluated(self, found: dict[str, Any] | None) -> None:
+        if found is not None:
+            for side, scores in found["metrics"].items():
+                for metric, value in scores.items():
+                    self.metrics.task_score(metric, side, value)
+
     def promotion(self, promoted: bool, reason: str) -> None:
         self.attempt.event("promotion", promoted=promoted, reason=reason)
 

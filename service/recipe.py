@@ -10,7 +10,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,7 @@ class FineTuneRun:
         self.publisher = parts.publisher
         self.retraining = parts.retraining
         self.trainer: Any = None
+        self.eval_rows: list[dict[str, Any]] = []
         self.plan = ResumePlan(None, self.spec.training.gradient_accumulation)
         self.start_step = 0  # the step this attempt resumed at
         self.resume_dir: Path | None = None
@@ -169,7 +169,7 @@ class FineTuneRun:
         self.facts.mark("setup")
 
     def train(self) -> None:
-        from service.trainer import evaluate_adapter
+        from service import evaluation
 
         self._stop_if_requested()
         self.observer.training()
@@ -186,12 +186,18 @@ class FineTuneRun:
         # metrics, never a reason to throw away the finished adapter.
         self.observer.phase(Phase.CHECKPOINTING)
         self.committer.wait()
+        # Eval loss, generation samples and task metrics; with per-run outputs, the gate.
         has_eval = self.trainer.eval_dataset is not None
         eval_loss = self.trainer.evaluate().get("eval_loss") if has_eval else None
         log.info("evaluated", eval_loss=eval_loss)
+        found = evaluation.evaluate(self.trainer, self.eval_rows, self.spec.evaluation)
+        self.facts.evaluation = found
+        self.observer.evaluated(found)
         if self.retraining is not None:
-            measure = partial(evaluate_adapter, self.trainer) if has_eval else None
-            self.decision = self.retraining.decide(eval_loss, measure)
+            value, measure = evaluation.gate(
+                self.trainer, self.eval_rows, self.spec, eval_loss, found
+            )
+            self.decision = self.retraining.decide(value, measure)
             self.observer.promotion(self.decision.promoted, self.decision.reason)
 
     def save(self) -> None:
@@ -253,6 +259,7 @@ class FineTuneRun:
             self.trainer.args, self.ranks.world_size, self.facts.train_rows, self.spec
         )
         self.safepoint.order_state = self.facts.data_order = order.state_dict()
+        self.eval_rows = dataset.eval
         self.facts.trainer = self.trainer
         attach(self.trainer, self.observer.metrics)
 

@@ -61,6 +61,7 @@ class RunFacts:
     data_order: dict[str, Any] | None = None
     resumed_from_step: int | None = None
     promotion: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None  # samples and task metrics (service.evaluation)
     trainer: Any = None  # once built: its state holds the steps and the log history
     _t0: float = field(default_factory=time.monotonic)
 
@@ -100,6 +101,7 @@ def build(
         "steps": steps,
         "resumed_from_step": facts.resumed_from_step,
         "losses": losses(log_history),
+        "evaluation": facts.evaluation,
         "checkpoints": checkpoints,
         "attempts": rows,
         "preemptions": preemptions(rows),

@@ -274,6 +274,7 @@ def write_report(run_record: dict[str, Any], out_dir: Path) -> list[Path]:
         f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>"
         for key, value in summary(run_record).items()
     )
+    samples = _samples_table(run_record.get("evaluation") or {})
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     page = out_dir / HTML_NAME
     page.write_text(
@@ -285,6 +286,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1120px
 table {{ border-collapse: collapse; margin-bottom: 1.5rem; }}
 th, td {{ text-align: left; padding: 0.25rem 1rem 0.25rem 0; border-bottom: 1px solid #ddd; }}
 th {{ font-weight: 600; }}
+td.text {{ white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.85rem;
+  vertical-align: top; max-width: 22rem; }}
 img {{ max-width: 100%; }}
 </style></head>
 <body>
@@ -293,8 +296,42 @@ img {{ max-width: 100%; }}
 {rows}
 </table>
 <img alt="loss, learning rate and throughput by step" src="data:image/png;base64,{image}">
+{samples}
 </body></html>
 """,
         encoding="utf-8",
     )
     return [png, page]
+
+
+def _samples_table(evaluation: Mapping[str, Any]) -> str:
+    """Generation samples, the base model's answer beside the trained one's, and the task
+    metrics before and after."""
+    samples = evaluation.get("samples") or []
+    metrics = evaluation.get("metrics") or {}
+    parts = []
+    if metrics.get("after"):
+        rows = "".join(
+            f"<tr><th>{html.escape(name)}</th>"
+            f"<td>{metrics.get('before', {}).get(name, 0):.1%}</td><td>{value:.1%}</td></tr>"
+            for name, value in metrics["after"].items()
+        )
+        parts.append(
+            "<h2>Task metrics</h2><table><tr><th></th><th>base</th><th>trained</th></tr>"
+            f"{rows}</table>"
+        )
+    if samples:
+        cells = "".join(
+            "<tr>"
+            + "".join(
+                f'<td class="text">{html.escape(str(s.get(key) or ""))}</td>'
+                for key in ("prompt", "reference", "before", "after")
+            )
+            + "</tr>"
+            for s in samples
+        )
+        parts.append(
+            "<h2>Samples</h2><table><tr><th>prompt</th><th>reference</th><th>base model</th>"
+            f"<th>trained</th></tr>{cells}</table>"
+        )
+    return "\n".join(parts)

@@ -32,28 +32,31 @@ class Decision:
 
 
 def decide(
-    eval_loss: float | None,
-    published_eval_loss: float | None,
+    value: float | None,
+    published_value: float | None,
     has_published: bool,
-    max_increase: float,
+    tolerance: float,
+    metric: str = "eval_loss",
 ) -> Decision:
     """Publish the first run; later ones only if no worse than the published adapter on the
-    same eval data, within the tolerance."""
+    same eval data, within the tolerance. Eval loss: lower is better; a task metric: higher."""
     if not has_published:
         return Decision(True, "first run: nothing published yet")
-    if eval_loss is None or published_eval_loss is None:
+    if value is None or published_value is None:
         return Decision(True, "no eval data to compare against: published without a gate")
-    if eval_loss <= published_eval_loss + max_increase:
-        return Decision(
-            True,
-            f"eval loss {eval_loss:.4f} <= published {published_eval_loss:.4f} "
-            f"+ tolerance {max_increase}",
-        )
-    return Decision(
-        False,
-        f"eval loss {eval_loss:.4f} > published {published_eval_loss:.4f} "
-        f"+ tolerance {max_increase}: not promoted",
+    lower_is_better = metric == "eval_loss"
+    ok = (
+        value <= published_value + tolerance
+        if lower_is_better
+        else value >= published_value - tolerance
     )
+    relation = ("<=" if ok else ">") if lower_is_better else (">=" if ok else "<")
+    sign = "+" if lower_is_better else "-"
+    reason = (
+        f"{metric.replace('_', ' ')} {value:.4f} {relation} published {published_value:.4f} "
+        f"{sign} tolerance {tolerance}"
+    )
+    return Decision(ok, reason if ok else f"{reason}: not promoted")
 
 
 class RetrainingPolicy:
@@ -115,21 +118,24 @@ class RetrainingPolicy:
         set_peft_model_state_dict(peft_model, load_file(adapter / "adapter_model.safetensors"))
         log.info("warm_started", adapter=str(adapter))
 
-    def decide(self, eval_loss: float | None, evaluate: Callable[[Path], float] | None) -> Decision:
-        """``evaluate`` measures an adapter on this run's eval data (None without any)."""
+    def decide(self, value: float | None, measure: Callable[[Path], float] | None) -> Decision:
+        """``value``: this run's promotion.metric; ``measure`` takes the same measure of an
+        adapter on this run's eval data (None without any)."""
+        promotion = self.spec.promotion
         adapter = self.published_adapter()
-        published_loss = evaluate(adapter) if adapter is not None and evaluate else None
-        decision = decide(
-            eval_loss,
-            published_loss,
-            adapter is not None,
-            self.spec.promotion.max_eval_loss_increase,
+        published = measure(adapter) if adapter is not None and measure else None
+        tolerance = (
+            promotion.max_eval_loss_increase
+            if promotion.metric == "eval_loss"
+            else promotion.max_metric_decrease
         )
+        decision = decide(value, published, adapter is not None, tolerance, promotion.metric)
         log.info(
             "promotion_decided",
             promoted=decision.promoted,
             reason=decision.reason,
-            eval_loss=eval_loss,
-            published_eval_loss=published_loss,
+            metric=promotion.metric,
+            value=value,
+            published_value=published,
         )
         return decision

@@ -3,6 +3,8 @@ that turns checkpoint schedules and preemption requests into safe stopping point
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -258,14 +260,19 @@ class LogCallback(TrainerCallback):
             log.info(event, step=state.global_step, **logs)
 
 
-def evaluate_adapter(trainer: Any, adapter: Path, name: str = "published") -> float:
-    """Another adapter's eval loss on the trainer's eval data, on the same base: loaded beside
-    the trained one, measured, and removed again."""
-    model = trainer.model
+@contextmanager
+def other_adapter(model: Any, adapter: Path, name: str = "published") -> Iterator[None]:
+    """Another adapter beside the trained one, active inside the block and removed after."""
     model.load_adapter(str(adapter), adapter_name=name)
     model.set_adapter(name)
     try:
-        return float(trainer.evaluate(metric_key_prefix=name)[f"{name}_loss"])
+        yield
     finally:
         model.set_adapter("default")
         model.delete_adapter(name)
+
+
+def evaluate_adapter(trainer: Any, adapter: Path) -> float:
+    """Another adapter's eval loss on the trainer's eval data, on the same base."""
+    with other_adapter(trainer.model, adapter):
+        return float(trainer.evaluate(metric_key_prefix="published")["published_loss"])

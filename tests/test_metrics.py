@@ -40,7 +40,7 @@ EVAL_LOGS = {
     "epoch": 0.1875,
 }
 # Labels a sample may carry: a histogram's bucket, the phase enum's state, and an info's values.
-ALLOWED_LABELS = {"le", "spotlora_job_phase", "split"}
+ALLOWED_LABELS = {"le", "spotlora_job_phase", "split", "metric", "model"}
 
 
 def value(metrics: JobMetrics, name: str, **labels: str) -> float | None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from examples import samples
+from service.model import disable_cpu_inference_repack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +118,7 @@ def test_exact_match_leaves_4bit_layers_trainable(tiny_llama: Path) -> None:
             score = samples.exact_match(model, tokenizer, rows, max_new_tokens=4)
             assert 0.0 <= score <= 1.0
         else:
-            samples.disable_cpu_inference_repack(model)
+            disable_cpu_inference_repack(model)
         lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         peft_model = get_peft_model(model, lora)
         peft_model.train()
@@ -215,7 +216,7 @@ def test_smollm2_export_is_a_plain_model_that_loads_in_4bit() -> None:
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
-    samples.disable_cpu_inference_repack(model)
+    disable_cpu_inference_repack(model)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer

@@ -334,6 +334,22 @@ class JobSpec(Strict):
     )
 
     @model_validator(mode="after")
+    def evaluation_needs_eval_rows(self) -> JobSpec:
+        ev, data = self.evaluation, self.data
+        wants_rows = bool(ev.metrics) or (ev.samples > 0 and not ev.prompts)
+        if wants_rows and data.eval is None and data.eval_fraction == 0:
+            raise ValueError(
+                "evaluation.metrics and evaluation.samples (without evaluation.prompts) use "
+                "held-out rows: set data.eval or data.eval_fraction"
+            )
+        if wants_rows and data.format == "text":
+            raise ValueError(
+                "evaluation needs a prompt and a reference response per row; format 'text' has "
+                "none (give evaluation.prompts for samples)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def promotion_metric_is_computed(self) -> JobSpec:
         metric = self.promotion.metric
         if metric != "eval_loss" and metric not in self.evaluation.metrics:

@@ -184,3 +184,10 @@ class Instruments:
             "Unix time the job last finished successfully. Pushed only, and only on success.",
             registry=success_registry,
         )
+        self.task_score = Gauge(
+            "spotlora_eval_task_score_ratio",
+            "Share of eval rows a task metric passes (evaluation.metrics), for the base model "
+            "('before') and the trained adapter ('after').",
+            ["metric", "model"],
+            registry=r,
+        )

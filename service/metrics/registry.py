@@ -174,6 +174,9 @@ class JobMetrics:
         if lost_usd is not None:
             self.m.run_lost_cost.set(lost_usd)
 
+    def task_score(self, metric: str, side: str, value: float) -> None:
+        self.m.task_score.labels(metric=metric, model=side).set(value)
+
     def rows_skipped(self, n: int) -> None:
         if n > 0:
             self.m.rows_skipped_total.inc(n)

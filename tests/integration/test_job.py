@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ def test_job_writes_adapter_then_run_record(
         str(out),
         data={"eval_fraction": 0.1},
         training={"max_steps": None, "epochs": 1},
+        evaluation={"samples": 2, "metrics": ["exact_match", "contains"], "max_new_tokens": 8},
     )
     path = write_manifest(tmp_path / "job.yaml", job)
     env = job_env(tmp_path / "cache")
@@ -34,7 +36,16 @@ def test_job_writes_adapter_then_run_record(
     assert record["status"] == "succeeded"
     # The report is drawn at the end, next to run.json.
     assert (out / "report.png").stat().st_size > 10_000
-    assert "<img" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "<img" in page
+    # Generation samples, the base beside the trained adapter, and the task metrics.
+    found = record["evaluation"]
+    assert len(found["samples"]) == 2 and found["rows_scored"] == record["data"]["eval_rows"]
+    assert set(found["metrics"]["after"]) == {"exact_match", "contains"}
+    for sample in found["samples"]:
+        assert {"prompt", "reference", "before", "after"} <= set(sample)
+        assert html.escape(sample["after"]) in page
+    assert "<h2>Samples</h2>" in page and "<h2>Task metrics</h2>" in page
     assert record["data"]["rows_read"] == 48 and record["data"]["eval_rows"] >= 1
     assert record["losses"]["final_eval"] is not None
     assert record["versions"]["bitsandbytes"] == "0.50.2"
