@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from service import kernels
 from service.distributed import ranks_from_env
 from service.errors import DependencyError, ManifestError
 from service.manifest.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
@@ -249,6 +250,9 @@ def load_for_training(path: Path, spec: JobSpec, dtype: str, device: Device) -> 
         spec.lora,
         spec.quantization,
     )
+    log.info("fused_rms_norms", replaced=kernels.fuse_rms_norms(peft_model))
+    if device.kind == "cuda":
+        kernels.use_triton_kernels(kernels.triton_supported(device.capability))
     if spec.training.torch_compile:
         log.info("torch_compile", layers=compile_layers(peft_model))
     return peft_model

@@ -19,6 +19,7 @@ from types import FrameType
 
 import structlog
 
+from service.errors import Preempted
 from service.manifest.spec import PreemptionSpec
 
 log = structlog.get_logger(__name__)
@@ -97,6 +98,15 @@ class PreemptionWatcher:
         )
         for listener in self.listeners:
             listener(reason)
+
+    def raise_if_requested(self) -> None:
+        """Before training starts a stop has nothing to commit: no progress was made."""
+        if self.requested.is_set():
+            raise Preempted(
+                f"preempted ({self.reason}) before training started; no progress was made, "
+                "run again to resume",
+                progress=False,
+            )
 
     @property
     def requested_unix(self) -> float | None:

@@ -136,7 +136,7 @@ class FineTuneRun:
         # 3. What a resumed run must keep (micro-batch, accumulation, processes, rows,
         #    settings), from the checkpoint it would resume: refused now if it changed.
         self.plan = self.resumer.plan(self.facts.train_rows)
-        self._stop_if_requested()
+        self.watcher.raise_if_requested()
         # 4. The 4-bit base and the adapters, in a clean working directory.
         if self.ranks.is_local_main:  # the ranks of one node share its cache
             shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -154,7 +154,7 @@ class FineTuneRun:
         self._build_trainer(peft_model, tokenizer, dataset, on_cpu=device.kind == "cpu")
         # 6. Claim the run, the first write: an older pod still running is fenced off from
         #    the checkpoint pointer from here on. Then fetch what to resume from.
-        self._stop_if_requested()
+        self.watcher.raise_if_requested()
         if self.ranks.is_main:
             found = self.checkpoints.claim(self.spec.checkpoint.keep)
             log.info("run_claimed", run_id=self.run_id, checkpoint_step=found and found.step)
@@ -171,7 +171,7 @@ class FineTuneRun:
     def train(self) -> None:
         from service import evaluation
 
-        self._stop_if_requested()
+        self.watcher.raise_if_requested()
         self.observer.training()
         try:
             self.trainer.train(resume_from_checkpoint=self.resume_dir and str(self.resume_dir))
@@ -274,15 +274,6 @@ class FineTuneRun:
             self.safepoint.mark_resumed(committed.step)
             self.observer.resumed(committed.step)
             log.info("resuming", step=committed.step, manifest=committed.manifest_key)
-
-    def _stop_if_requested(self) -> None:
-        """A stop asked for before training starts: nothing to commit, no progress made."""
-        if self.watcher.requested.is_set():
-            raise Preempted(
-                f"preempted ({self.watcher.reason}) before training started; no progress was "
-                "made, run again to resume",
-                progress=False,
-            )
 
     def _final_record(self, decision: Decision | None) -> dict[str, Any]:
         self.attempt.finish_in_record("done", self._step())

@@ -41,6 +41,7 @@ LAYERS = {
     "service.attempts": 2,
     "service.history": 2,
     "service.memory": 2,
+    "service.kernels": 2,
     "service.ledger": 2,
     "service.checkpoint.interval": 2,
     "service.report": 2,
@@ -65,6 +66,7 @@ LAYERS = {
     "service.publication": 3,
     "service.record": 3,
     "service.observer": 3,
+    "service.evaluation": 3,
     # the one module that wires them, and the command line above it
     "service.recipe": 4,
     "service.cli": 5,
