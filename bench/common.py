@@ -17,9 +17,12 @@ SEED = 1234
 VOCAB_SIZE = 32000
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 
-# Mistral-7B-v0.1's config.json, written out by hand so nothing is downloaded.
+# Mistral-7B-v0.1's and Llama-3.1-8B's config.json, written out by hand so nothing is
+# downloaded.
 PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b": {
+        "model_type": "mistral",
+        "vocab_size": VOCAB_SIZE,
         "hidden_size": 4096,
         "intermediate_size": 14336,
         "num_hidden_layers": 32,
@@ -30,8 +33,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sliding_window": 4096,
         "rms_norm_eps": 1e-5,
     },
+    # A large vocabulary: the LM head is 1.05 B parameters of the 8 B.
+    "llama-3.1-8b": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "rms_norm_eps": 1e-5,
+    },
     # A quick check of the whole path in seconds; same vocabulary, GQA and MLP shape ratios.
     "small": {
+        "model_type": "mistral",
+        "vocab_size": VOCAB_SIZE,
         "hidden_size": 512,
         "intermediate_size": 1792,
         "num_hidden_layers": 4,
@@ -46,17 +71,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def model_config(preset: str) -> Any:
-    from transformers import MistralConfig
+    from transformers import AutoConfig
 
-    return MistralConfig(
-        vocab_size=VOCAB_SIZE,
+    fields = dict(PRESETS[preset])
+    return AutoConfig.for_model(
+        fields.pop("model_type"),
         hidden_act="silu",
         initializer_range=0.02,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=None,
-        **PRESETS[preset],
+        **fields,
     )
 
 
@@ -65,7 +91,7 @@ def param_count(preset: str) -> int:
     h, i, n = p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"]
     kv = h // p["num_attention_heads"] * p["num_key_value_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    return n * per_layer + 2 * VOCAB_SIZE * h + h
+    return n * per_layer + 2 * p["vocab_size"] * h + h
 
 
 # --------------------------------------------------------------------------- data
@@ -126,14 +152,14 @@ def ensure_model_dir(preset: str, path: Path) -> dict[str, float]:
     """A random-init model saved as bf16 safetensors, built on the GPU (seconds, not the
     minutes a CPU init of 7B takes). Reused when already there."""
     import torch
-    from transformers import MistralForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if (path / "config.json").is_file():
         return {"model_dir_reused": 1.0}
     start = time.monotonic()
     torch.manual_seed(SEED)
     with torch.device("cuda"):
-        model: Any = MistralForCausalLM(model_config(preset))
+        model: Any = AutoModelForCausalLM.from_config(model_config(preset))
         model = model.to(torch.bfloat16)
     torch.cuda.synchronize()
     built = time.monotonic() - start
@@ -152,11 +178,16 @@ def ensure_model_dir(preset: str, path: Path) -> dict[str, float]:
 
 
 def emulate_t4() -> None:
-    """A T4's 15 GiB: the caching allocator refuses to go past it in this process."""
+    """A T4's 15 GiB (the caching allocator refuses to go past it in this process) and its
+    kernels: no Triton, which supports nothing below compute capability 8.0, so trl's LM-head
+    loss takes its PyTorch path as on a T4."""
     import torch
+
+    from service.kernels import use_triton_kernels
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, T4_MEMORY_BYTES / total), 0)
+    use_triton_kernels(False)
 
 
 def matmul_tflops(dtype_name: str, size: int = 8192, repeats: int = 20) -> float:

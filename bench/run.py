@@ -73,7 +73,9 @@ def table(results: list[dict[str, Any]], seed_rate: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", default="mistral-7b", choices=["mistral-7b", "small"])
+    parser.add_argument(
+        "--preset", default="mistral-7b", choices=["mistral-7b", "llama-3.1-8b", "small"]
+    )
     parser.add_argument("--t4", action="store_true", help="fp16 and a 15 GiB cap, every variant")
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
