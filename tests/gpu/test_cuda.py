@@ -92,3 +92,29 @@ def test_torch_compile_trains_the_same_curve(
     assert losses[True].keys() == losses[False].keys() and len(losses[True]) == 6
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=2e-2), step
+
+
+def test_the_t4_kernel_path_trains_the_same_curve(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below compute capability 8.0 trl's LM-head loss runs on its PyTorch path instead of
+    its Triton kernel. The H200 runs both: the same job, in process, as each GPU would."""
+    from trl.kernels import chunked_logprob
+
+    from service import kernels
+    from service.cli import main
+
+    losses = {}
+    for t4 in (False, True):
+        monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", chunked_logprob._TRITON_AVAILABLE)
+        if t4:
+            monkeypatch.setattr(kernels, "triton_supported", lambda capability: False)
+        out = tmp_path / f"out-{t4}"
+        job = write(tmp_path / f"{t4}.yaml", t4_job(tiny_model, tiny_data, out))
+        for key, value in job_env(tmp_path / f"cache-{t4}").items():
+            monkeypatch.setenv(key, value)
+        assert main(["run", "-f", str(job)]) == 0
+        assert chunked_logprob._TRITON_AVAILABLE is (not t4)
+        losses[t4] = step_losses(json.loads((out / "run.json").read_text()))
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
