@@ -42,6 +42,10 @@ def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: floa
         cmd.append("--frozen-fp32")
     if name == "spotlora-compile":
         cmd.append("--compile")
+    if name == "spotlora-unfused-norms":
+        cmd.append("--unfused-norms")
+    if name == "spotlora-triton-loss":
+        cmd.append("--triton-loss")
     if sizes:
         cmd += ["--batch-sizes", sizes]
     return cmd

@@ -237,12 +237,31 @@ def main() -> None:
         action="store_true",
         help="peft's k-bit preparation: embeddings, norms and LM head upcast to fp32",
     )
+    parser.add_argument(
+        "--unfused-norms",
+        action="store_true",
+        help="the models' own RMSNorm forward instead of F.rms_norm (service.kernels)",
+    )
+    parser.add_argument(
+        "--triton-loss",
+        action="store_true",
+        help="with --t4: keep trl's Triton LM-head loss kernel, which a real T4 cannot use",
+    )
     opts = parser.parse_args()
 
     import torch
 
+    from service import kernels
+
     if opts.t4:
         emulate_t4()
+    if opts.triton_loss:
+        from trl.kernels import chunked_logprob
+
+        chunked_logprob._TRITON_AVAILABLE = True
+        kernels.use_triton_kernels = lambda enabled: None  # the loader must not turn it off
+    if opts.unfused_norms:
+        kernels.fuse_rms_norms = lambda model: 0
     dtype = "fp16" if opts.t4 else "bf16"
     params = param_count(opts.preset)
     result: dict[str, Any] = {
