@@ -61,10 +61,11 @@ RUN if [[ -n "${TORCH_INDEX_URL}" ]]; then export PIP_INDEX_URL="${TORCH_INDEX_U
     && rm -rf /wheels
 COPY docker/constraints.txt docker/constraints.txt
 
-# The pinned dependencies from pyproject.toml, without the source, so editing
-# service/ does not reinstall them.
+# The pinned dependencies from pyproject.toml and its `tracking` extra (spec.tracking's
+# TensorBoard, MLflow and W&B clients: ~150 MB beside torch's GBs), without the source,
+# so editing service/ does not reinstall them.
 COPY pyproject.toml README* ./
-RUN python3.11 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+RUN python3.11 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["tracking"]))' \
         | grep -v '^torch' > /tmp/requirements.txt \
     && /opt/venv/bin/pip install -r /tmp/requirements.txt
 

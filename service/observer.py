@@ -7,15 +7,18 @@ alone sets the phase gauge and writes the attempt record, and calls nothing back
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from service import ledger
+from service import ledger, tracking
 from service.attempts import AttemptLog
 from service.checkpoint.store import Committed
 from service.ledger import Price
+from service.manifest.spec import FineTuneJob
 from service.metrics.registry import JobMetrics, Phase
+from service.storage import Storage
 
 if TYPE_CHECKING:
     from service.checkpoint.safepoint import Stop
@@ -24,10 +27,15 @@ log = structlog.get_logger(__name__)
 
 
 class RunObserver:
-    def __init__(self, metrics: JobMetrics, attempt: AttemptLog, *, is_main: bool) -> None:
+    def __init__(
+        self, metrics: JobMetrics, attempt: AttemptLog, *, is_main: bool, output: Storage
+    ) -> None:
         self.metrics = metrics
         self.attempt = attempt
-        self.is_main = is_main  # rank 0 keeps the attempt record
+        self.is_main = is_main  # rank 0 keeps the attempt record and reports to trackers
+        self.output = output  # the run's outputs: tracker files are published there
+        self._tracking: Path | None = None  # the work dir, once trackers were configured
+        self._trainer: Any = None
         self._stopping = False
         self._earlier_usd = 0.0  # the run's earlier attempts, from the ledger
         self._spent_until = time.time()
@@ -72,8 +80,38 @@ class RunObserver:
     def phase(self, phase: Phase) -> None:
         self.metrics.set_phase(phase)
 
+    # -- experiment trackers (service.tracking) -------------------------------------
+
+    def trackers(self, job: FineTuneJob, run_id: str, work_dir: Path) -> list[str] | None:
+        """The trainer's report_to: rank 0 reports for the run."""
+        if not self.is_main:
+            return None
+        self._tracking = work_dir
+        return tracking.configure_tracking(job, run_id, work_dir)
+
+    def trained(self, trainer: Any) -> None:
+        self._trainer = trainer
+
+    def _close_trackers(self, status: tracking.TrackerStatus) -> None:
+        """Closes the runs and publishes their files beside the adapter; never raises."""
+        if self._tracking is None:
+            return
+        work_dir, self._tracking = self._tracking, None
+        tracking.finish_tracking(status, self._trainer)
+        try:
+            tracking.publish_tensorboard(work_dir / tracking.TENSORBOARD_DIR, self.output)
+            tracking.publish_wandb_offline(work_dir / "wandb", self.output)
+        except Exception as err:  # trackers are on the side: never a reason to fail a run
+            log.warning("tracker_files_not_published", error=f"{type(err).__name__}: {err}")
+
+    def publishing(self) -> None:
+        """Before the run's record is written, so it covers the tracker files."""
+        self._close_trackers("FINISHED")
+
     def finished(self, outcome: Phase | None) -> None:
         """DONE, PREEMPTED or FAILED pushed; None (superseded) pushes nothing."""
+        if outcome is not None and outcome is not Phase.DONE:
+            self._close_trackers("KILLED" if outcome is Phase.PREEMPTED else "FAILED")
         if self.is_main and self.attempt.started and not self._billed:
             self._spend()
         self.metrics.finish(outcome)

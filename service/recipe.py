@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from service import ledger, record
+from service import ledger, record, tracking
 from service.attempts import Attempt, AttemptLog
 from service.checkpoint.committer import BackgroundCommitter
 from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, rows_sha256
@@ -121,6 +121,7 @@ class FineTuneRun:
         init_process_group(self.ranks)
         # 1. Device and dtype: a bf16 request on a T4 fails here, before any weight loads.
         device, dtype = model.select_device(self.spec)
+        tracking.check_tracking(self.spec)  # a tracker's library missing: exit 2, now
         self.facts.device, self.facts.compute_dtype = vars(device), dtype
         self.attempt.attempt.device = device.name
         # 2. Data before the model: bad data fails in seconds, not after a 7B load.
@@ -210,6 +211,7 @@ class FineTuneRun:
         if not self.checkpoints.still_owner():
             raise Superseded("another process took over this run; not publishing its outputs")
         self.facts.mark("save")
+        self.observer.publishing()  # tracker runs closed, their files beside the adapter
         self.publisher.upload_adapter(staging)
         written = self.publisher.publish(
             decision=self.decision,
@@ -242,12 +244,14 @@ class FineTuneRun:
         from service.metrics.callback import attach
         from service.trainer import build_trainer
 
+        report_to = self.observer.trackers(self.facts.loaded.job, self.run_id, self.work_dir)
         self.trainer = build_trainer(
             self.spec,
             peft_model,
             tokenizer,
             dataset.train,
             dataset.eval,
+            report_to=report_to,
             dtype=self.facts.compute_dtype,
             on_cpu=on_cpu,
             work_dir=self.work_dir / "trainer",
@@ -261,6 +265,7 @@ class FineTuneRun:
         self.safepoint.order_state = self.facts.data_order = order.state_dict()
         self.eval_rows = dataset.eval
         self.facts.trainer = self.trainer
+        self.observer.trained(self.trainer)
         attach(self.trainer, self.observer.metrics)
 
     def _resume(self) -> None:
@@ -307,7 +312,8 @@ def create_run(loaded: LoadedManifest, settings: RuntimeSettings, run_id: str) -
         pushgateway_username=auth[0] if auth else None,
         pushgateway_password=auth[1] if auth else None,
     )
-    observer = RunObserver(metrics, attempt, is_main=ranks.is_main)
+    outputs = history.run_storage(run_id) if history else output
+    observer = RunObserver(metrics, attempt, is_main=ranks.is_main, output=outputs)
     committer = BackgroundCommitter(checkpoints, spec.checkpoint.keep)
     committer.on_commit.append(observer.committed)
     committer.on_failure.append(observer.commit_failed)
@@ -326,7 +332,7 @@ def create_run(loaded: LoadedManifest, settings: RuntimeSettings, run_id: str) -
         attempt=attempt,
         observer=observer,
         publisher=Publisher(
-            history.run_storage(run_id) if history else output,
+            outputs,
             history,
             run_id,
             keep_runs=spec.promotion.keep_runs,

@@ -25,14 +25,16 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
 from service.errors import DependencyError, ManifestError
-from service.manifest import FineTuneJob
-from service.manifest.spec import JobSpec
-from service.storage import Storage
+
+if TYPE_CHECKING:  # the entrypoint imports this module for SECRET_ENV_VARS: keep it light
+    from service.manifest import FineTuneJob
+    from service.manifest.spec import JobSpec
+    from service.storage import Storage
 
 log = structlog.get_logger(__name__)
 
@@ -48,7 +50,7 @@ INTEGRATIONS = (
     ("mlflow_tracking_uri", "mlflow", ("mlflow",), "mlflow-skinny"),
     ("wandb_project", "wandb", ("wandb",), "wandb"),
 )
-# W&B refuses these in a run id (wandb_settings.validate_run_id); whitespace is trimmed.
+# W&B refuses these in a run id (wandb_settings.validate_run_id), and whitespace at its ends.
 _WANDB_ID_RESERVED = re.compile(r"[:;,#?/'\s]")
 
 TrackerStatus = Literal["FINISHED", "KILLED", "FAILED"]
@@ -95,6 +97,10 @@ def configure_tracking(job: FineTuneJob, run_id: str, work_dir: Path) -> list[st
     check_tracking(spec)
     report_to = requested(spec)
     facts: dict[str, object] = {}
+    if spec.tracking.mlflow_tracking_uri or spec.tracking.wandb_project:
+        # Both look up the git commit through GitPython, which without a git executable (the
+        # image has none) prints a page of advice to stderr unless told to be quiet.
+        os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     if spec.tracking.tensorboard:
         logdir = work_dir / TENSORBOARD_DIR
         logdir.mkdir(parents=True, exist_ok=True)
@@ -111,16 +117,17 @@ def configure_tracking(job: FineTuneJob, run_id: str, work_dir: Path) -> list[st
 
 
 def _set_env(name: str, value: str) -> None:
-    """The manifest wins over a variable the environment already set: say so."""
+    """The manifest wins over a variable the environment already set: say so, without the
+    environment's value (a tracking URI there may carry a password; the manifest's cannot)."""
     before = os.environ.get(name)
     if before is not None and before != value:
-        log.warning("tracking_env_overridden", variable=name, environment=before, manifest=value)
+        log.warning("tracking_env_overridden", variable=name, value=value, source="manifest")
     os.environ[name] = value
 
 
 def mlflow_uri(uri: str) -> str:
-    """A local file store as an absolute file:// URI (the pod's working directory is not
-    where a relative path was meant); a server URI unchanged."""
+    """A local file store as an absolute file:// URI, which is what MLflow records as its
+    artifact location: a relative one would depend on the working directory of each reader."""
     if uri.startswith(("http://", "https://")):
         return uri
     return Path(uri).expanduser().resolve().as_uri()
@@ -128,6 +135,9 @@ def mlflow_uri(uri: str) -> str:
 
 def _start_mlflow(uri: str, experiment: str, run_id: str) -> dict[str, object]:
     """Start, or resume by name, the MLflow run that every attempt of this run logs into."""
+    # Read when mlflow is first imported: without it, mlflow gives its loggers a stderr
+    # handler of their own, past this service's JSON format and its secret redaction.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     import mlflow
 
     tracking_uri = mlflow_uri(uri)
@@ -139,7 +149,7 @@ def _start_mlflow(uri: str, experiment: str, run_id: str) -> dict[str, object]:
     try:
         mlflow.set_tracking_uri(tracking_uri)
         experiment_id = mlflow.set_experiment(experiment).experiment_id
-        earlier = _mlflow_run_named(mlflow, experiment_id, run_id)
+        earlier = _mlflow_run_named(experiment_id, run_id)
         if mlflow.active_run() is not None:
             mlflow.end_run()
         if earlier is None:
@@ -159,12 +169,14 @@ def _start_mlflow(uri: str, experiment: str, run_id: str) -> dict[str, object]:
     }
 
 
-def _mlflow_run_named(mlflow: object, experiment_id: str, name: str) -> str | None:
+def _mlflow_run_named(experiment_id: str, name: str) -> str | None:
     """The newest run of the experiment named ``name``: an earlier attempt's."""
+    import mlflow
+
     quote = "'" if "'" not in name else '"'
     if quote in name:
         return None  # a name no filter string can quote: start a new run
-    runs = mlflow.search_runs(  # type: ignore[attr-defined]
+    runs = mlflow.search_runs(
         experiment_ids=[experiment_id],
         filter_string=f"attributes.run_name = {quote}{name}{quote}",
         order_by=["attributes.start_time DESC"],
@@ -193,19 +205,47 @@ def _configure_wandb(project: str, run_id: str, work_dir: Path) -> dict[str, obj
     return {"wandb_project": project, "wandb_mode": os.environ.get("WANDB_MODE", "online")}
 
 
-def finish_tracking(status: TrackerStatus) -> None:
-    """End this process's MLflow and W&B runs with the run's outcome, flushing what they hold
-    (a W&B offline run's files are complete only after this). A no-op for a tracker that was
-    never started; a tracker's failure here is logged, never raised over the run's outcome."""
-    mlflow = sys.modules.get("mlflow")
+def finish_tracking(status: TrackerStatus, trainer: Any | None = None) -> None:
+    """End this process's trackers with the run's outcome, so that what they hold is written:
+    the trainer's TensorBoard writer (an evaluation after training opens a new one that
+    nothing closes, and tensorboardX's flush() leaves queued events unwritten), the MLflow
+    run and the W&B run (an offline run's file is complete only then). Call it before the
+    publish_* functions. A no-op for a tracker never started; a tracker's failure here is
+    logged, never raised over the run's outcome."""
+    finishing = (
+        ("tensorboard", lambda: _close_tensorboard(trainer)),
+        ("mlflow", lambda: _end_mlflow(status)),
+        ("wandb", lambda: _finish_wandb(status)),
+    )
+    for tracker, finish in finishing:
+        try:
+            finish()
+        except Exception as err:
+            log.warning(
+                "tracking_finish_failed",
+                tracker=tracker,
+                status=status,
+                error=f"{type(err).__name__}: {err}",
+            )
+
+
+def _close_tensorboard(trainer: Any | None) -> None:
+    for callback in trainer.callback_handler.callbacks if trainer is not None else []:
+        if getattr(callback, "tb_writer", None) is not None:  # TensorBoardCallback's
+            callback.tb_writer.close()
+            callback.tb_writer = None
+
+
+def _end_mlflow(status: TrackerStatus) -> None:
+    mlflow = sys.modules.get("mlflow")  # never imported here for a run that did not use it
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.end_run(status=status)
+
+
+def _finish_wandb(status: TrackerStatus) -> None:
     wandb = sys.modules.get("wandb")
-    try:
-        if mlflow is not None and mlflow.active_run() is not None:
-            mlflow.end_run(status=status)
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish(exit_code=0 if status == "FINISHED" else 1)
-    except Exception as err:
-        log.warning("tracking_finish_failed", status=status, error=f"{type(err).__name__}: {err}")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=0 if status == "FINISHED" else 1)
 
 
 def publish_tensorboard(local_dir: Path, output: Storage) -> None:

@@ -66,6 +66,7 @@ LAYERS = {
     "service.publication": 3,
     "service.record": 3,
     "service.observer": 3,
+    "service.tracking": 3,
     "service.evaluation": 3,
     # the one module that wires them, and the command line above it
     "service.recipe": 4,

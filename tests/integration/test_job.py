@@ -13,7 +13,7 @@ from tests.jobs import job_env, manifest, run_job, write_manifest
 
 
 def test_job_writes_adapter_then_run_record(
-    tiny_model: Path, tiny_data: Path, tmp_path: Path
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "out"
     # One epoch: every training row is trained on exactly once, so the token count is known.
@@ -25,6 +25,7 @@ def test_job_writes_adapter_then_run_record(
         data={"eval_fraction": 0.1},
         training={"max_steps": None, "epochs": 1},
         evaluation={"samples": 2, "metrics": ["exact_match", "contains"], "max_new_tokens": 8},
+        tracking={"tensorboard": True, "mlflow_tracking_uri": str(tmp_path / "mlruns")},
     )
     path = write_manifest(tmp_path / "job.yaml", job)
     env = job_env(tmp_path / "cache")
@@ -46,6 +47,17 @@ def test_job_writes_adapter_then_run_record(
         assert {"prompt", "reference", "before", "after"} <= set(sample)
         assert html.escape(sample["after"]) in page
     assert "<h2>Samples</h2>" in page and "<h2>Task metrics</h2>" in page
+    # The trackers got the run: TensorBoard's files beside the adapter, one finished MLflow run.
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as service.tracking sets it
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    (mlflow_run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments() if e.name == "tiny-local"]
+    )
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.info.run_name == "tiny-local"
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "loss")) == record["steps"]
     assert record["data"]["rows_read"] == 48 and record["data"]["eval_rows"] >= 1
     assert record["losses"]["final_eval"] is not None
     assert record["versions"]["bitsandbytes"] == "0.50.2"
