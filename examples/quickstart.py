@@ -27,7 +27,7 @@ EVAL_ROWS = 32
 SEED = 0
 
 
-def job_manifest(model_dir: Path, train: Path, output: Path) -> dict[str, Any]:
+def job_manifest(model_dir: Path, train: Path, held_out: Path, output: Path) -> dict[str, Any]:
     return {
         "apiVersion": "spotlora/v1",
         "kind": "FineTuneJob",
@@ -41,7 +41,12 @@ def job_manifest(model_dir: Path, train: Path, output: Path) -> dict[str, Any]:
                 "dropout": 0.0,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
             },
-            "data": {"train": str(train), "format": "alpaca", "max_length": 128},
+            "data": {
+                "train": str(train),
+                "eval": str(held_out),
+                "format": "alpaca",
+                "max_length": 128,
+            },
             "training": {
                 "max_steps": 45,
                 "batch_size": 8,
@@ -56,6 +61,10 @@ def job_manifest(model_dir: Path, train: Path, output: Path) -> dict[str, Any]:
             "checkpoint": {"every_steps": 15},
             "metrics": {"port": None},
             "output": {"uri": str(output)},
+            # Held-out exact match before (the base) and after, four samples side by side in
+            # the report, and the model merged with its adapter, ready to serve.
+            "evaluation": {"samples": 4, "metrics": ["exact_match"], "max_new_tokens": 24},
+            "export": {"merged": True},
         },
     }
 
@@ -71,36 +80,50 @@ def prepare(directory: Path) -> tuple[Path, Path, Path]:
     )
     job = directory / "job.yaml"
     job.write_text(
-        yaml.safe_dump(job_manifest(model_dir, train, directory / "output"), sort_keys=False)
+        yaml.safe_dump(
+            job_manifest(model_dir, train, held_out, directory / "output"), sort_keys=False
+        )
     )
     return job, model_dir, held_out
+
+
+def merged_exact_match(merged: Path, rows: list[dict[str, Any]]) -> float:
+    """The merged model as anyone loads it: plain transformers, no peft, no 4-bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from examples.samples import exact_match
+
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    return exact_match(model, AutoTokenizer.from_pretrained(merged), rows, max_new_tokens=24)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=REPO / "quickstart-out")
     args = parser.parse_args()
-    from examples.evaluate import adapter_exact_match
     from examples.samples import read_jsonl
     from service.cli import main as spotlora
 
-    job, model_dir, held_out = prepare(args.dir)
-    rows = read_jsonl(held_out)
-    before = adapter_exact_match(model_dir, None, rows)
-    print(f"exact match before fine-tuning: {before:.0%} of {len(rows)} held-out rows")
+    job, _, held_out = prepare(args.dir)
     code = spotlora(["run", "--manifest", str(job)])
     if code != 0:
         return code
-    adapter = args.dir / "output" / "adapter"
-    after = adapter_exact_match(model_dir, adapter, rows)
-    record = json.loads((args.dir / "output" / "run.json").read_text())
+    output = args.dir / "output"
+    record = json.loads((output / "run.json").read_text())
+    scores = record["evaluation"]["metrics"]
+    rows = read_jsonl(held_out)
     print(
-        f"exact match after fine-tuning:  {after:.0%} ({record['steps']} steps, "
-        f"final train loss {record['losses']['final_train']:.3f})"
+        f"held-out exact match: {scores['before']['exact_match']:.0%} before, "
+        f"{scores['after']['exact_match']:.0%} after fine-tuning ({len(rows)} rows, "
+        f"{record['steps']} steps, final train loss {record['losses']['final_train']:.3f})"
     )
-    print(f"adapter:    {adapter}")
-    print(f"run record: {args.dir / 'output' / 'run.json'}")
-    print(f"manifest:   {job}  (rerun with: .venv/bin/spotlora run -f {job})")
+    merged = merged_exact_match(output / "merged", rows)
+    print(f"merged model (transformers alone): {merged:.0%} exact match")
+    print(f"adapter:       {output / 'adapter'}")
+    print(f"merged model:  {output / 'merged'}")
+    print(f"report:        {output / 'report.html'}  (before/after samples side by side)")
+    print(f"run record:    {output / 'run.json'}")
+    print(f"manifest:      {job}  (rerun with: .venv/bin/spotlora run -f {job})")
     return 0
 
 

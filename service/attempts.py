@@ -109,9 +109,12 @@ class AttemptLog:
         except Exception as err:
             log.warning("attempt_record_not_written", key=self.key, error=str(err))
 
-    def history(self) -> list[dict[str, Any]]:
+    def history(self, *, claimed: bool = True) -> list[dict[str, Any]]:
         """Every attempt of the run, oldest first, this one as it is now. One that never
-        recorded its end and is not this one was killed."""
+        recorded its end and is not this one was killed. Empty while this attempt has not
+        claimed the run, unless ``claimed`` is False (it is about to)."""
+        if claimed and not self.started:
+            return []
         records = []
         try:
             keys = sorted(o.key for o in self.storage.list_objects(PREFIX))

@@ -90,6 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     report = sub.add_parser("report", help="write plots for a finished run")
     report.add_argument("uri", help="the run's output URI (local dir or s3://)")
+    export = sub.add_parser(
+        "export",
+        help="merge a finished run's adapter into its base, verified, under URI/merged/",
+    )
+    export.add_argument("uri", help="the run's output URI (local dir or s3://), with run.json")
+    export.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="dtype of the merged weights; default: the run's spec.export.dtype",
+    )
     return parser
 
 
@@ -157,6 +167,83 @@ def _dollars(value: float | None) -> str:
     return "-" if value is None else f"{value:.6f}"
 
 
+def export_run(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
+    """`spotlora export URI`: the merge as its own (CPU) Job after the run, from the manifest
+    in the run's run.json. Writes URI/merged/ only: run.json stays as the run wrote it."""
+    import hashlib
+    import shutil
+
+    from service import export, model
+    from service.logging import route_library_logging
+    from service.manifest import FineTuneJob
+    from service.storage import open_storage
+    from service.uris import check_storage_uri
+
+    try:
+        check_storage_uri(args.uri)
+    except ValueError as err:
+        raise ManifestError(f"export: URI {args.uri!r}: {err}") from None
+    output = open_storage(args.uri)
+    try:
+        record = json.loads(output.read_bytes("run.json"))
+        job = FineTuneJob.model_validate(record["manifest"])
+    except FileNotFoundError:
+        raise ManifestError(f"{args.uri}: no run.json (not a finished run's output)") from None
+    except (ValueError, KeyError, TypeError) as err:  # pydantic's ValidationError included
+        raise ManifestError(f"{args.uri}/run.json: no valid manifest in it: {err}") from None
+    adapter = [o for o in output.list_objects("adapter/") if o.key.startswith("adapter/")]
+    if not any(o.key == f"adapter/{export.ADAPTER_WEIGHTS}" for o in adapter):
+        raise ManifestError(
+            f"{args.uri}: no adapter/{export.ADAPTER_WEIGHTS} (run status "
+            f"{record.get('status')!r}): nothing to merge"
+        )
+    wanted = {"merged": True} | ({"dtype": args.dtype} if args.dtype else {})
+    spec = job.spec.model_copy(update={"export": job.spec.export.model_copy(update=wanted)})
+    structlog.contextvars.bind_contextvars(job=job.metadata.name, command="export")
+    route_library_logging(progress_bars=sys.stderr.isatty())
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    # From config.json alone: too little memory or disk fails before the base downloads,
+    # into the same cache as the staged merge, about its size in its own dtype.
+    config = model.fetch_config(spec.model, token)
+    own = spec.model_copy(update={"export": spec.export.model_copy(update={"dtype": "auto"})})
+    local = Path(spec.model.source).expanduser().is_dir()
+    download = 0 if local else export.merge_needs(own, config).weights_bytes
+    export.preflight(
+        spec,
+        config,
+        settings.cache_dir,
+        disk_free=lambda path: shutil.disk_usage(path).free - download,
+        way_out="give this Job more memory (resources.limits.memory) or cache volume (the "
+        f"base's download, {download / 2**30:.1f} GiB, is counted against its free space)",
+    )
+    model_dir = model.fetch_model(spec.model, settings.cache_dir, token)
+    work_dir = settings.cache_dir / "export" / hashlib.sha256(args.uri.encode()).hexdigest()[:16]
+    shutil.rmtree(work_dir, ignore_errors=True)
+    for obj in adapter:
+        output.download_file(obj.key, work_dir / obj.key)
+    prompts = _export_prompts(spec, settings.cache_dir)
+    result = export.export_merged(spec, model_dir, work_dir / "adapter", prompts, output, work_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    sys.stdout.write(json.dumps(result, indent=1) + "\n")
+    return ExitCode.OK
+
+
+def _export_prompts(spec: JobSpec, cache_dir: Path) -> list[str]:
+    """The run's held-out rows (its training rows if it held none out), read again from its
+    data; a few fixed generic prompts when the data is out of reach from here."""
+    from service import data
+    from service.export import GENERIC_PROMPTS, verification_prompts
+
+    count = spec.export.verify_prompts
+    try:
+        dataset = data.load_dataset(spec.data, cache_dir)
+    except (SpotloraError, OSError, ValueError) as err:
+        log.warning("export_prompts_generic", reason=f"{spec.data.train}: {err}")
+        return list(GENERIC_PROMPTS[:count])
+    log.info("export_prompts", source="eval" if dataset.eval else "train")
+    return verification_prompts(dataset.eval or dataset.train, count)
+
+
 def memory_report(spec: JobSpec, gpu_memory_gib: float) -> str:
     """YAML comments, so the output stays a valid manifest."""
     from service.memory import auto_batch_size, preflight_estimate
@@ -191,6 +278,8 @@ def dispatch(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
         return ExitCode.OK
     if args.command == "runs":
         return show_runs(args)
+    if args.command == "export":
+        return export_run(args, settings)
     if args.command == "report":
         from service.report import write_report
         from service.storage import open_storage
@@ -263,7 +352,11 @@ def _main(argv: list[str]) -> int:
         say(f"invalid environment: {err}")
         return ExitCode.INVALID_INPUT
     # Values to scrub from every log line, whatever key or library carries them.
-    given = [os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    from service.tracking import SECRET_ENV_VARS
+
+    given = [
+        os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", *SECRET_ENV_VARS)
+    ]
     for secret in (settings.hf_token, settings.pushgateway_password):
         if secret is not None:
             given.append(secret.get_secret_value())

@@ -16,7 +16,7 @@ from service import ledger, tracking
 from service.attempts import AttemptLog
 from service.checkpoint.store import Committed
 from service.ledger import Price
-from service.manifest.spec import FineTuneJob
+from service.manifest.spec import FineTuneJob, JobSpec
 from service.metrics.registry import JobMetrics, Phase
 from service.storage import Storage
 
@@ -35,21 +35,23 @@ class RunObserver:
         self.is_main = is_main  # rank 0 keeps the attempt record and reports to trackers
         self.output = output  # the run's outputs: tracker files are published there
         self._tracking: Path | None = None  # the work dir, once trackers were configured
-        self._trainer: Any = None
         self._stopping = False
         self._earlier_usd = 0.0  # the run's earlier attempts, from the ledger
         self._spent_until = time.time()
         self._billed = False  # the final bill is set: the run's gauges stand
 
-    def start(self, port: int | None, local_rank: int, **info: str) -> None:
+    def start(self, spec: JobSpec, local_rank: int, manifest_sha256: str, run_id: str) -> None:
         """Serve /metrics (local rank k on port + k: each GPU's throughput is its own) and
         describe the job. Metrics are on the side: never a reason not to train."""
+        port = spec.metrics.port
         if port is not None:
             try:
                 self.metrics.serve(port + local_rank if port else port)
             except OSError as err:
                 log.warning("metrics_server_unavailable", port=port, error=str(err))
-        self.metrics.set_info(**info)
+        self.metrics.set_info(
+            model=spec.model.source, manifest_sha256=manifest_sha256, run_id=run_id
+        )
 
     # -- money -------------------------------------------------------------------
 
@@ -59,7 +61,7 @@ class RunObserver:
         a = self.attempt.attempt
         a.instance_type, a.gpus, a.price_source = instance_type, gpus, price.source
         a.gpu_hour_usd, a.on_demand_gpu_hour_usd = price.gpu_hour_usd, price.on_demand_gpu_hour_usd
-        rows = [ledger.row(r) for r in self.attempt.history()]
+        rows = [ledger.row(r) for r in self.attempt.history(claimed=False)]
         bill = ledger.totals(rows, 0)
         self._earlier_usd = (bill["total_usd"] or 0.0) - (rows[-1]["cost_usd"] or 0.0)
         self.metrics.run_ledger(len(rows), bill["total_usd"], bill["lost_to_preemption_usd"])
@@ -89,29 +91,26 @@ class RunObserver:
         self._tracking = work_dir
         return tracking.configure_tracking(job, run_id, work_dir)
 
-    def trained(self, trainer: Any) -> None:
-        self._trainer = trainer
-
-    def _close_trackers(self, status: tracking.TrackerStatus) -> None:
+    def _close_trackers(self, status: tracking.TrackerStatus, trainer: Any) -> None:
         """Closes the runs and publishes their files beside the adapter; never raises."""
         if self._tracking is None:
             return
         work_dir, self._tracking = self._tracking, None
-        tracking.finish_tracking(status, self._trainer)
+        tracking.finish_tracking(status, trainer)
         try:
             tracking.publish_tensorboard(work_dir / tracking.TENSORBOARD_DIR, self.output)
             tracking.publish_wandb_offline(work_dir / "wandb", self.output)
         except Exception as err:  # trackers are on the side: never a reason to fail a run
             log.warning("tracker_files_not_published", error=f"{type(err).__name__}: {err}")
 
-    def publishing(self) -> None:
+    def publishing(self, trainer: Any) -> None:
         """Before the run's record is written, so it covers the tracker files."""
-        self._close_trackers("FINISHED")
+        self._close_trackers("FINISHED", trainer)
 
-    def finished(self, outcome: Phase | None) -> None:
+    def finished(self, outcome: Phase | None, trainer: Any = None) -> None:
         """DONE, PREEMPTED or FAILED pushed; None (superseded) pushes nothing."""
         if outcome is not None and outcome is not Phase.DONE:
-            self._close_trackers("KILLED" if outcome is Phase.PREEMPTED else "FAILED")
+            self._close_trackers("KILLED" if outcome is Phase.PREEMPTED else "FAILED", trainer)
         if self.is_main and self.attempt.started and not self._billed:
             self._spend()
         self.metrics.finish(outcome)

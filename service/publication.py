@@ -21,8 +21,9 @@ from typing import Any
 
 import structlog
 
-from service.errors import PublicationConflict, Superseded
+from service.errors import PublicationConflict, SpotloraError, Superseded
 from service.history import RunHistory, index_entry
+from service.manifest.spec import JobSpec
 from service.retraining import ADAPTER_DIR, Decision
 from service.storage import PreconditionFailed, Storage, uri_join
 
@@ -71,6 +72,28 @@ class Publisher:
             self.output.delete([RUN_RECORD])
         for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
             self.output.upload_file(path, f"{ADAPTER_DIR}/{path.relative_to(adapter).as_posix()}")
+
+    def export_merged(
+        self,
+        spec: JobSpec,
+        model_dir: Path,
+        adapter: Path,
+        rows: list[dict[str, Any]],
+        work_dir: Path,
+    ) -> tuple[dict[str, Any], SpotloraError | None]:
+        """Step 1 too, with spec.export.merged: the merged model under merged/ (service.export).
+        A merge that does not reproduce base + adapter publishes nothing there; run.json says
+        so, and the error is raised once it is written."""
+        from service import export
+
+        prompts = export.verification_prompts(rows, spec.export.verify_prompts)
+        try:
+            return export.export_merged(
+                spec, model_dir, adapter, prompts, self.output, work_dir
+            ), None
+        except export.ExportMismatch as err:
+            log.error("export_failed", error=str(err))
+            return {"status": "failed", "error": str(err)}, err
 
     def publish(
         self,

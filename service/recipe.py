@@ -6,6 +6,7 @@ what the service does. Each step is one call into the module that owns it.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from service import ledger, record, tracking
+from service import export, ledger, record, tracking
 from service.attempts import Attempt, AttemptLog
 from service.checkpoint.committer import BackgroundCommitter
 from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, rows_sha256
@@ -69,6 +70,8 @@ class FineTuneRun:
         self.retraining = parts.retraining
         self.trainer: Any = None
         self.eval_rows: list[dict[str, Any]] = []
+        self.prompt_rows: list[dict[str, Any]] = []  # the merge's verification prompts
+        self.model_dir = Path()
         self.plan = ResumePlan(None, self.spec.training.gradient_accumulation)
         self.start_step = 0  # the step this attempt resumed at
         self.resume_dir: Path | None = None
@@ -76,13 +79,7 @@ class FineTuneRun:
         self.decision: Decision | None = None
 
     def run(self) -> ExitCode:
-        self.observer.start(
-            self.spec.metrics.port,
-            self.ranks.local_rank,
-            model=self.spec.model.source,
-            manifest_sha256=self.facts.loaded.sha256,
-            run_id=self.run_id,
-        )
+        self.observer.start(self.spec, self.ranks.local_rank, self.facts.loaded.sha256, self.run_id)
         outcome: Phase | None = Phase.FAILED
         try:
             with self.watcher:
@@ -101,19 +98,17 @@ class FineTuneRun:
             return ExitCode.OK
         except Preempted:
             outcome = Phase.PREEMPTED
-            ended = {"reason": self.watcher.reason, "lost_seconds": 0.0}  # unless stopped() said
-            self.observer.attempt_ended("preempted", self._step(), **ended)
+            self.observer.attempt_ended("preempted", self._step(), reason=self.watcher.reason)
             raise
         except Superseded:
             outcome = None  # the pod that took over speaks for the job now
             self.observer.attempt_ended("superseded", self._step())
             raise
         except BaseException as err:
-            reason = f"{type(err).__name__}: {err}"
-            self.observer.attempt_ended("failed", self._step(), reason=reason)
+            self.observer.attempt_ended("failed", self._step(), reason=repr(err))
             raise
         finally:
-            self.observer.finished(outcome)
+            self.observer.finished(outcome, self.trainer)
 
     def setup(self) -> None:
         from service import data, model
@@ -137,19 +132,24 @@ class FineTuneRun:
         # 3. What a resumed run must keep (micro-batch, accumulation, processes, rows,
         #    settings), from the checkpoint it would resume: refused now if it changed.
         self.plan = self.resumer.plan(self.facts.train_rows)
+        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
+        if self.spec.export.merged:  # host memory and disk for the merge, before the hours
+            config = model.fetch_config(self.spec.model, token)
+            export.preflight(self.spec, config, self.settings.cache_dir)
         self.watcher.raise_if_requested()
         # 4. The 4-bit base and the adapters, in a clean working directory.
         if self.ranks.is_local_main:  # the ranks of one node share its cache
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.work_dir.mkdir(parents=True)
         barrier()
-        token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
-        peft_model, tokenizer, model_dir = model.prepare(
+        peft_model, tokenizer, self.model_dir = model.prepare(
             self.spec, self.settings.cache_dir, dtype, device, token
         )
         if self.retraining is not None and self.spec.promotion.warm_start:
             self.retraining.warm_start(peft_model)
-        log.info("model_loaded", path=str(model_dir), seconds_since_start=self.facts.mark("model"))
+        log.info(
+            "model_loaded", path=str(self.model_dir), seconds_since_start=self.facts.mark("model")
+        )
         # 5. The trainer: building it tokenizes the rows, and rows that cannot train fail
         #    it (exit 65). Still nothing written anywhere.
         self._build_trainer(peft_model, tokenizer, dataset, on_cpu=device.kind == "cpu")
@@ -211,8 +211,15 @@ class FineTuneRun:
         if not self.checkpoints.still_owner():
             raise Superseded("another process took over this run; not publishing its outputs")
         self.facts.mark("save")
-        self.observer.publishing()  # tracker runs closed, their files beside the adapter
+        self.observer.publishing(self.trainer)  # tracker runs closed, files beside the adapter
         self.publisher.upload_adapter(staging)
+        failed = None
+        if self.spec.export.merged:
+            self.trainer.model = None  # the merge loads the base again: free this copy first
+            gc.collect()
+            self.facts.export, failed = self.publisher.export_merged(
+                self.spec, self.model_dir, staging, self.prompt_rows, self.work_dir
+            )
         written = self.publisher.publish(
             decision=self.decision,
             compared_tag=self.retraining.published_tag if self.retraining else None,
@@ -221,6 +228,8 @@ class FineTuneRun:
         )
         self.attempt.save()
         self.observer.recorded(written["cost"])
+        if failed is not None:
+            raise failed
 
     def record_skip(self) -> None:
         if self.ranks.is_main:
@@ -229,11 +238,7 @@ class FineTuneRun:
 
     def record(self, status: str) -> dict[str, Any]:
         return record.build(
-            self.facts,
-            status,
-            steps=self._step(),
-            committer=self.committer,
-            attempts=self.attempt.history() if self.attempt.started else [],
+            self.facts, status, committer=self.committer, attempts=self.attempt.history()
         )
 
     # ------------------------------------------------------------------ the steps' parts
@@ -263,9 +268,8 @@ class FineTuneRun:
             self.trainer.args, self.ranks.world_size, self.facts.train_rows, self.spec
         )
         self.safepoint.order_state = self.facts.data_order = order.state_dict()
-        self.eval_rows = dataset.eval
+        self.eval_rows, self.prompt_rows = dataset.eval, dataset.eval or dataset.train
         self.facts.trainer = self.trainer
-        self.observer.trained(self.trainer)
         attach(self.trainer, self.observer.metrics)
 
     def _resume(self) -> None:

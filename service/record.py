@@ -62,6 +62,7 @@ class RunFacts:
     resumed_from_step: int | None = None
     promotion: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None  # samples and task metrics (service.evaluation)
+    export: dict[str, Any] | None = None  # the merged model (service.export)
     trainer: Any = None  # once built: its state holds the steps and the log history
     _t0: float = field(default_factory=time.monotonic)
 
@@ -72,10 +73,11 @@ class RunFacts:
 
 
 def build(
-    facts: RunFacts, status: str, *, steps: int, committer: Any, attempts: list[dict[str, Any]]
+    facts: RunFacts, status: str, *, committer: Any, attempts: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """``committer``: the run's checkpoint.committer.BackgroundCommitter."""
     log_history = list(facts.trainer.state.log_history) if facts.trainer else []
+    steps = int(facts.trainer.state.global_step) if facts.trainer else facts.resumed_from_step or 0
     checkpoints = {
         "committed_step": committer.last.step if committer.last else None,
         "failed": committer.failures,
@@ -102,6 +104,7 @@ def build(
         "resumed_from_step": facts.resumed_from_step,
         "losses": losses(log_history),
         "evaluation": facts.evaluation,
+        "export": facts.export,
         "checkpoints": checkpoints,
         "attempts": rows,
         "preemptions": preemptions(rows),

@@ -64,6 +64,8 @@ LAYERS = {
     "service.metrics.callback": 3,
     "service.retraining": 3,
     "service.publication": 3,
+    "service.export": 3,
+    "service.export.preflight": 2,
     "service.record": 3,
     "service.observer": 3,
     "service.tracking": 3,

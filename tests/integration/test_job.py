@@ -26,6 +26,7 @@ def test_job_writes_adapter_then_run_record(
         training={"max_steps": None, "epochs": 1},
         evaluation={"samples": 2, "metrics": ["exact_match", "contains"], "max_new_tokens": 8},
         tracking={"tensorboard": True, "mlflow_tracking_uri": str(tmp_path / "mlruns")},
+        export={"merged": True},
     )
     path = write_manifest(tmp_path / "job.yaml", job)
     env = job_env(tmp_path / "cache")
@@ -47,6 +48,14 @@ def test_job_writes_adapter_then_run_record(
         assert {"prompt", "reference", "before", "after"} <= set(sample)
         assert html.escape(sample["after"]) in page
     assert "<h2>Samples</h2>" in page and "<h2>Task metrics</h2>" in page
+    # The merged model, verified against base + adapter, published before run.json.
+    merged = record["export"]
+    assert merged["verification"]["passed"] and merged["dtype"] == "fp32"
+    assert (out / "merged" / "EXPORT.json").is_file()
+    assert {f["key"] for f in merged["files"]} >= {"config.json", "model.safetensors"}
+    assert (out / "run.json").stat().st_mtime_ns >= (
+        out / "merged" / "EXPORT.json"
+    ).stat().st_mtime_ns
     # The trackers got the run: TensorBoard's files beside the adapter, one finished MLflow run.
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     from mlflow.tracking import MlflowClient

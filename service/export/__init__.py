@@ -1,0 +1,345 @@
+"""A merged model to serve (spec.export, `spotlora export URI`). The adapter learned on the
+4-bit base, so by default (spec.export.base "trained") it is merged into those weights
+dequantized to the export dtype: the merged model answers as base + adapter did in training.
+"original" merges into the base's original weights instead. Never into the 4-bit weights
+themselves: that keeps their rounding of W + BA (transformers #31293, peft #2321), 190 times
+further from base + adapter than bf16's rounding.
+
+1. An older merged/EXPORT.json is deleted first: it must not vouch for the new files.
+2. Merge, save to local staging, load the staged files as a user would and compare their
+   logits with base + adapter's: a mismatch raises ExportMismatch, nothing uploaded.
+3. Older objects under merged/ are deleted: vLLM loads every *.safetensors it finds, so a
+   stale shard of an earlier, larger export would be loaded with the new ones.
+4. The new files are uploaded, merged/EXPORT.json last, listing each with size and sha256.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from service.errors import ExitCode, ManifestError, SpotloraError
+from service.export.preflight import (
+    RUNTIME_BYTES,
+    VERIFY_TOKENS_PER_PROMPT,
+    MergeNeeds,
+    available_memory,
+    export_dtype,
+    merge_needs,
+    preflight,
+    refuse_quantized,
+)
+from service.manifest.spec import JobSpec
+from service.model import torch_dtype
+from service.storage import Storage, sha256_file, uri_join
+from service.versions import library_versions
+
+if TYPE_CHECKING:
+    import torch
+
+log = structlog.get_logger(__name__)
+
+__all__ = [
+    "ADAPTER_WEIGHTS",
+    "EXPORT_RECORD",
+    "GENERIC_PROMPTS",
+    "RUNTIME_BYTES",
+    "TOLERANCES",
+    "ExportMismatch",
+    "MergeNeeds",
+    "available_memory",
+    "compare_logits",
+    "export_dtype",
+    "export_merged",
+    "merge_needs",
+    "preflight",
+    "refuse_quantized",
+    "verification_prompts",
+]
+
+MERGED_DIR = "merged"
+EXPORT_RECORD = f"{MERGED_DIR}/EXPORT.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+GIB = 2**30
+# When a run's own rows are out of reach: any text exercises every merged weight.
+GENERIC_PROMPTS = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\nExplain what a checksum is.\n\n### Response:\n",
+    "Question: Why does the sea taste salty?\nAnswer: Rivers carry dissolved minerals",
+    'def fibonacci(n: int) -> int:\n    """The n-th Fibonacci number."""\n    if n < 2:\n',
+    "The committee met on Tuesday to discuss the budget. After two hours, the chair",
+)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    mean_kl: float
+    max_kl: float
+
+
+# KL(base + adapter || merged), nats a token. Both compute in the export dtype, so what
+# differs is the rounding of W + BA to it and the order of the same sums. Measured, r=8 on
+# q/k/v/o: SmolLM2-135M fp32 mean 1e-11, max 5e-11; fp16 3.4e-5, 1.9e-4; bf16 1.9e-3, 1.1e-2,
+# no worse than bf16 inference itself (bf16 base + adapter against fp32: 1.4e-3, 1.1e-2); a
+# random Mistral-7B shape in bf16, 4.4e-3, 6.7e-3. The 16-bit limits sit 4 to 30 times
+# above those, far below a broken merge: into the NF4 base, mean 0.32 and max 1.3 on
+# SmolLM2; the 7B adapter's own effect (what a merge that lost it would show), 0.33, 0.51.
+TOLERANCES = {
+    "fp32": Tolerance(mean_kl=1e-6, max_kl=1e-4),  # near-exact: the same sums, reordered
+    "fp16": Tolerance(mean_kl=1e-3, max_kl=5e-3),  # 3 mantissa bits more than bf16
+    "bf16": Tolerance(mean_kl=2e-2, max_kl=1e-1),
+}
+
+
+class ExportMismatch(SpotloraError):
+    """The merged model does not compute what base + adapter computes; nothing was published.
+    A retry cannot change that (exit 65, as unusable data)."""
+
+    exit_code = ExitCode.DATA_UNUSABLE
+
+
+@dataclass(frozen=True)
+class Agreement:  # how far a model's next-token distributions are from a reference's
+    positions: int
+    mean_kl: float  # KL(reference || candidate), nats, averaged over positions
+    max_kl: float
+    top1_agreement: float  # share of positions where both rank the same token first
+    max_top1_logprob_diff: float  # change of the log-prob of the reference's first token
+
+
+def compare_logits(
+    reference: Sequence[torch.Tensor], candidate: Sequence[torch.Tensor]
+) -> Agreement:
+    """Each element: one prompt's logits, positions x vocabulary. In float64, so an fp32
+    merge's differences of 1e-9 are not lost in the arithmetic."""
+    import torch
+
+    kls, hits, top_diffs = [], [], []
+    for ref, cand in zip(reference, candidate, strict=True):
+        p = torch.log_softmax(ref.double(), dim=-1)
+        q = torch.log_softmax(cand.double(), dim=-1)
+        kls.append((p.exp() * (p - q)).sum(dim=-1))
+        top = p.argmax(dim=-1, keepdim=True)
+        hits.append(top[:, 0] == q.argmax(dim=-1))
+        top_diffs.append((p.gather(-1, top) - q.gather(-1, top)).abs().max())
+    kl, top1 = torch.cat(kls), float(torch.cat(hits).double().mean())  # a NaN carries through
+    return Agreement(
+        kl.numel(), float(kl.mean()), float(kl.max()), top1, float(torch.stack(top_diffs).max())
+    )
+
+
+def verification_prompts(rows: Sequence[dict[str, Any]], n: int) -> list[str]:
+    """The first ``n`` rows shaped by service.data, as plain text with their responses, so the
+    response tokens are compared too. Chat turns become "role: content" lines: any text
+    exercises every merged weight, no chat template needed."""
+    texts = []
+    for row in rows:
+        if "text" in row:
+            text = row["text"]
+        elif isinstance(row.get("prompt"), str):
+            text = row["prompt"] + row["completion"]
+        else:
+            turns = row.get("messages") or [*row["prompt"], *row["completion"]]
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+        texts += [text] if text.strip() else []
+        if len(texts) == n:
+            break
+    return texts
+
+
+def export_merged(
+    spec: JobSpec,
+    model_dir: Path,
+    adapter_dir: Path,
+    prompts: list[str],
+    output: Storage,
+    work_dir: Path,
+) -> dict[str, Any]:
+    """Merge, verify, publish under output's merged/ (the module's steps); returns what
+    run.json records under "export". Raises ExportMismatch, with nothing uploaded, when the
+    merged files do not compute what base + adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoTokenizer
+
+    started = time.monotonic()
+    if output.head(EXPORT_RECORD) is not None:  # 1.
+        output.delete([EXPORT_RECORD])
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ManifestError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (not a saved adapter)")
+    trust = spec.model.trust_remote_code
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
+    refuse_quantized(config, spec.model.source)
+    needs = merge_needs(spec, config)
+    dtype, device = needs.dtype, _merge_device(needs)
+    staging = work_dir / MERGED_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    seconds: dict[str, float] = {}
+    scope = _peak_memory(reset=True)[1]
+    # 2. base + adapter, unmerged: the reference, and how far the adapter moves the base.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+    inputs = _tokenize(tokenizer, prompts, spec.export.verify_prompts)
+    trained = spec.export.base == "trained"
+    base = _load(model_dir, spec, dtype, device, quantized=trained)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    seconds["load"] = _lap(started, seconds)
+    reference = _logits(model, inputs)
+    with model.disable_adapter():
+        adapter_effect = compare_logits(reference, _logits(model, inputs))
+    seconds["reference"] = _lap(started, seconds)
+    if trained:  # the same weights, dequantized: a merge never goes into 4-bit weights
+        del model, base
+        gc.collect()
+        model = PeftModel.from_pretrained(_dequantized(model_dir, spec, dtype, device), adapter_dir)
+    try:
+        merged = model.merge_and_unload(safe_merge=True)
+    except ValueError as err:  # safe_merge found a non-finite merged weight
+        raise ExportMismatch(f"merging the adapter into {spec.model.source}: {err}") from None
+    merged.save_pretrained(staging, max_shard_size=spec.export.max_shard_size)
+    tokenizer.save_pretrained(staging)  # the model's save wrote generation_config.json
+    del merged, model
+    gc.collect()
+    seconds["merge_and_save"] = _lap(started, seconds)
+    # The files as a user loads them, not the merged model in memory: what is compared is
+    # what will be published.
+    agreement = compare_logits(reference, _logits(_load(staging, spec, dtype, device), inputs))
+    gc.collect()
+    seconds["verify"] = _lap(started, seconds)
+    tolerance = TOLERANCES[dtype]
+    verification = {
+        "metric": "KL(base + adapter || merged), nats a token, over each prompt's first "
+        f"{VERIFY_TOKENS_PER_PROMPT} tokens",
+        "prompts": len(inputs),
+        **asdict(agreement),
+        "tolerance": asdict(tolerance),
+        "adapter_effect_mean_kl": adapter_effect.mean_kl,
+        "adapter_effect_max_kl": adapter_effect.max_kl,
+        "passed": agreement.mean_kl <= tolerance.mean_kl and agreement.max_kl <= tolerance.max_kl,
+        # The merge's rounding moves the model more than the adapter does: fp32 would keep it.
+        "rounding_exceeds_adapter": adapter_effect.mean_kl < agreement.mean_kl,
+    }
+    if not verification["passed"]:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportMismatch(
+            f"the merged {dtype} model does not match base + adapter on {len(inputs)} prompts: "
+            f"mean KL {agreement.mean_kl:.3g} (tolerance {tolerance.mean_kl:g}), max KL "
+            f"{agreement.max_kl:.3g} (tolerance {tolerance.max_kl:g}), top-1 agreement "
+            f"{agreement.top1_agreement:.1%}; nothing was published under {MERGED_DIR}/"
+        )
+    staged = sorted(p for p in staging.rglob("*") if p.is_file())
+    files: list[dict[str, Any]] = [
+        {"key": p.relative_to(staging).as_posix(), "bytes": p.stat().st_size}
+        | {"sha256": sha256_file(p)}
+        for p in staged
+    ]
+    record = {
+        "uri": uri_join(output.uri, MERGED_DIR),
+        "dtype": dtype,
+        "device": device,
+        "base": {"source": spec.model.source, "revision": spec.model.revision},
+        "adapter_sha256": sha256_file(adapter_dir / ADAPTER_WEIGHTS),
+        "verification": verification,
+        "peak_host_memory_bytes": _peak_memory()[0],
+        "peak_host_memory_scope": scope,
+        "estimated_host_memory_bytes": needs.memory_bytes,
+        "files": files,
+        "versions": library_versions(),
+        "seconds": seconds,
+    }
+    # 3. Older files out; 4. the new ones in, EXPORT.json last.
+    stale = [o.key for o in output.list_objects(f"{MERGED_DIR}/")]
+    output.delete([key for key in stale if key.startswith(f"{MERGED_DIR}/")])
+    for entry in files:
+        output.upload_file(staging / entry["key"], f"{MERGED_DIR}/{entry['key']}")
+    seconds["upload"] = _lap(started, seconds)
+    seconds["total"] = round(time.monotonic() - started, 3)
+    output.write_bytes(EXPORT_RECORD, json.dumps(record, indent=1).encode())
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("export_published", uri=record["uri"], dtype=dtype, seconds=seconds, **verification)
+    return record
+
+
+def _merge_device(needs: MergeNeeds) -> str:
+    """A GPU with room now (a 7B forward takes minutes on CPU), else the pre-flight's CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if free > needs.memory_bytes - RUNTIME_BYTES:
+            return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def _load(path: Path, spec: JobSpec, dtype: str, device: str, *, quantized: bool = False) -> Any:
+    """The base as stored, or (``quantized``) as training saw it: spec.quantization's 4-bit
+    weights computing in ``dtype``. transformers 5 loads without a second host copy."""
+    from transformers import AutoModelForCausalLM
+
+    if quantized:
+        from service.model import Device, load_quantized_model
+
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        where = Device(kind, device)
+        return load_quantized_model(path, spec.model, spec.quantization, dtype, where).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype(dtype),
+        device_map={"": device},
+        trust_remote_code=spec.model.trust_remote_code,
+        use_safetensors=True,
+    ).eval()
+
+
+def _dequantized(path: Path, spec: JobSpec, dtype: str, device: str) -> Any:
+    """The quantized base's weights in ``dtype``, as plain layers, saved without a trace of
+    the quantization (a loader would otherwise quantize them again)."""
+    model = _load(path, spec, dtype, device, quantized=True)
+    model.dequantize(dtype=torch_dtype(dtype))
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def _tokenize(tokenizer: Any, prompts: list[str], n: int) -> list[torch.Tensor]:
+    """One unpadded sequence a prompt: nothing for masks to differ on."""
+    texts = [p for p in prompts if p.strip()][:n]
+    if not texts:
+        log.info("export_generic_prompts", reason="no prompts given")
+        texts = list(GENERIC_PROMPTS[:n])
+    encoded = [
+        tokenizer(t, return_tensors="pt", truncation=True, max_length=VERIFY_TOKENS_PER_PROMPT)
+        for t in texts
+    ]
+    return [e["input_ids"] for e in encoded if e["input_ids"].shape[1] > 0]
+
+
+def _logits(model: Any, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=ids.to(model.device)).logits[0].float().cpu() for ids in inputs]
+
+
+def _peak_memory(*, reset: bool = False) -> tuple[int, str]:
+    """Peak resident memory, and since when: Linux resets the high-water mark when 5 is
+    written to /proc/self/clear_refs (since 4.0); elsewhere it is the process's lifetime."""
+    import resource
+
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(x.split()[1]) * 1024 for x in status if x.startswith("VmHWM:")), "export"
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process"
+
+
+def _lap(started: float, seconds: dict[str, float]) -> float:  # less those counted already
+    return round(time.monotonic() - started - sum(seconds.values()), 3)
