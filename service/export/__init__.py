@@ -271,6 +271,7 @@ def _merge_device(needs: MergeNeeds) -> str:
     import torch
 
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what training freed, back from the allocator's cache
         free, _ = torch.cuda.mem_get_info()
         if free > needs.memory_bytes - RUNTIME_BYTES:
             return f"cuda:{torch.cuda.current_device()}"
