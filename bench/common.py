@@ -149,8 +149,8 @@ def build_tokenizer() -> Any:
 
 
 def ensure_model_dir(preset: str, path: Path) -> dict[str, float]:
-    """A random-init model saved as bf16 safetensors, built on the GPU (seconds, not the
-    minutes a CPU init of 7B takes). Reused when already there."""
+    """A random-init model saved as bf16 safetensors, built on the GPU when there is one
+    (seconds, not the minutes a CPU init of 7B takes). Reused when already there."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -158,10 +158,11 @@ def ensure_model_dir(preset: str, path: Path) -> dict[str, float]:
         return {"model_dir_reused": 1.0}
     start = time.monotonic()
     torch.manual_seed(SEED)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model: Any = AutoModelForCausalLM.from_config(model_config(preset))
         model = model.to(torch.bfloat16)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     built = time.monotonic() - start
     tmp = path.with_name(path.name + ".partial")
     model.save_pretrained(tmp, max_shard_size="4GB")
@@ -169,7 +170,8 @@ def ensure_model_dir(preset: str, path: Path) -> dict[str, float]:
     os.replace(tmp, path)
     saved = time.monotonic() - start - built
     del model
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     return {"model_init_seconds": built, "model_save_seconds": saved, "model_bytes": size}
 

@@ -332,9 +332,9 @@ JOB_COMMANDS = ("run", "launch")
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in JOB_COMMANDS:
-        from service.preemption import catch_early_signals
+        from service.signals import catch_early_signals
 
-        catch_early_signals()
+        catch_early_signals()  # the entrypoint did already; `spotlora run` comes here first
     try:
         return _main(argv)
     except KeyboardInterrupt:

@@ -16,11 +16,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 
 from service.errors import Preempted
-from service.manifest.spec import PreemptionSpec
+from service.signals import take_early_signals
+
+if TYPE_CHECKING:
+    from service.manifest.spec import PreemptionSpec
 
 log = structlog.get_logger(__name__)
 
@@ -58,19 +62,6 @@ def gce_preempted(base_url: str) -> bool:
     )
     with urllib.request.urlopen(req, timeout=METADATA_TIMEOUT_SECONDS) as resp:
         return resp.read().decode().strip().upper() == "TRUE"
-
-
-_early: list[str] = []
-
-
-def catch_early_signals() -> None:
-    """Called first thing in the entrypoint: a SIGTERM that arrives while the libraries
-    import (seconds, as PID 1) is kept and handled once the watcher starts, instead of
-    killing the process with the default action."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: _early.append(signal.Signals(signum).name))
 
 
 class PreemptionWatcher:
@@ -130,8 +121,8 @@ class PreemptionWatcher:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._on_signal)
-        while _early:
-            self.request(_early.pop(0))
+        for name in take_early_signals():  # caught before this watcher existed
+            self.request(name)
         if self.spec.spot_notice != "none" or self.spec.max_runtime_seconds:
             self._thread = threading.Thread(target=self._poll, name="preemption-poll", daemon=True)
             self._thread.start()

@@ -22,6 +22,7 @@ LAYERS = {
     "service.uris": 0,
     "service.versions": 0,
     "service.logging": 0,
+    "service.signals": 0,
     "service.settings": 1,
     # the job and where bytes live
     "service.manifest": 1,
@@ -155,3 +156,25 @@ def test_commands_that_train_nothing_import_no_training_library(
     result = json.loads(done.stderr.strip().splitlines()[-1])
     assert result["code"] == (2 if argv[0] == "run" else 0), done.stderr[-2000:]
     assert result["heavy"] == []
+
+
+def test_the_early_signal_catch_imports_nothing_but_the_standard_library() -> None:
+    """The entrypoint installs it before anything else loads: any import it pulls in is time
+    during which a SIGTERM would kill the process outright."""
+    probe = (
+        "import sys; before = set(sys.modules); import service.signals; "
+        "print(sorted(m for m in set(sys.modules) - before "
+        "if m.split('.')[0] not in sys.stdlib_module_names))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "['service', 'service.signals']", done.stderr
+    # ...and the entrypoint calls it before it imports the command line.
+    entry = ast.parse((REPO / "entrypoint.py").read_text())
+    nodes = [n for n in ast.walk(entry) if isinstance(n, ast.ImportFrom | ast.Call)]
+    order = [
+        getattr(n, "module", None) or getattr(getattr(n, "func", None), "id", None)
+        for n in sorted(nodes, key=lambda n: (n.lineno, n.col_offset))
+    ]
+    assert order.index("catch_early_signals") < order.index("service.cli")

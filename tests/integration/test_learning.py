@@ -31,6 +31,7 @@ def test_smollm2_learns_the_synthetic_task(tmp_path: Path, capsys: pytest.Captur
         "train_seconds": record["timings"]["train_seconds"],
         "merge_seconds": record["export"]["seconds"]["total"],
         "merge_peak_host_gib": record["export"]["peak_host_memory_bytes"] / 2**30,
+        "merge_peak_anonymous_gib": record["export"]["peak_anonymous_memory_bytes"] / 2**30,
     }
     (tmp_path / "figures.json").write_text(json.dumps(figures))
     with capsys.disabled():
