@@ -97,34 +97,10 @@ def test_failure_policy_follows_the_exit_codes() -> None:
 
 def test_memory_and_disk_fit_a_7b_merge_in_bf16() -> None:
     """The pre-flight would refuse a limit under its estimate, before the base downloads."""
-    from transformers import LlamaConfig
-
     from service.export import merge_needs
-    from service.manifest import FineTuneJob
+    from tests.test_export import job_spec, llama_config
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        tie_word_embeddings=False,
-    )
-    config.dtype = "bfloat16"
-    spec = FineTuneJob.model_validate(
-        {
-            "apiVersion": "spotlora/v1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "mistral-alpaca"},
-            "spec": {
-                "model": {"source": "s3://my-bucket/models/mistral-7b-v0.1/"},
-                "data": {"train": "s3://my-bucket/data/alpaca.jsonl"},
-                "output": {"uri": "s3://my-bucket/jobs/mistral-alpaca/"},
-                "export": {"merged": True},
-            },
-        }
-    ).spec
+    spec, config = job_spec(), llama_config()  # Mistral-7B's shape, bf16, the trained base
     needs = merge_needs(spec, config)
     resources = container()["resources"]
     limit = quantity_bytes(resources["limits"]["memory"])
