@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -18,6 +18,7 @@ from service.errors import ExitCode, ManifestError, SpotloraError
 if TYPE_CHECKING:
     from service.manifest import JobSpec, LoadedManifest
     from service.settings import RuntimeSettings
+    from service.storage import Storage
 
 log = structlog.get_logger("spotlora")
 
@@ -167,6 +168,27 @@ def _dollars(value: float | None) -> str:
     return "-" if value is None else f"{value:.6f}"
 
 
+def finished_run(command: str, uri: str) -> tuple[Storage, dict[str, Any]]:
+    """The output at ``uri`` of a finished run, and its run.json."""
+    from service.storage import open_storage
+    from service.uris import check_storage_uri
+
+    try:
+        check_storage_uri(uri)
+    except ValueError as err:
+        raise ManifestError(f"{command}: URI {uri!r}: {err}") from None
+    storage = open_storage(uri)
+    try:
+        record = json.loads(storage.read_bytes("run.json"))
+    except FileNotFoundError:
+        raise ManifestError(f"{uri}: no run.json (not a finished run's output)") from None
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise ManifestError(f"{uri}/run.json: not a run record: {err}") from None
+    if not isinstance(record, dict):
+        raise ManifestError(f"{uri}/run.json: not a run record (a JSON object)")
+    return storage, record
+
+
 def export_run(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
     """`spotlora export URI`: the merge as its own (CPU) Job after the run, from the manifest
     in the run's run.json. Writes URI/merged/ only: run.json stays as the run wrote it."""
@@ -176,19 +198,10 @@ def export_run(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
     from service import export, model
     from service.logging import route_library_logging
     from service.manifest import FineTuneJob
-    from service.storage import open_storage
-    from service.uris import check_storage_uri
 
+    output, record = finished_run("export", args.uri)
     try:
-        check_storage_uri(args.uri)
-    except ValueError as err:
-        raise ManifestError(f"export: URI {args.uri!r}: {err}") from None
-    output = open_storage(args.uri)
-    try:
-        record = json.loads(output.read_bytes("run.json"))
         job = FineTuneJob.model_validate(record["manifest"])
-    except FileNotFoundError:
-        raise ManifestError(f"{args.uri}: no run.json (not a finished run's output)") from None
     except (ValueError, KeyError, TypeError) as err:  # pydantic's ValidationError included
         raise ManifestError(f"{args.uri}/run.json: no valid manifest in it: {err}") from None
     adapter = [o for o in output.list_objects("adapter/") if o.key.startswith("adapter/")]
@@ -282,18 +295,8 @@ def dispatch(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
         return export_run(args, settings)
     if args.command == "report":
         from service.report import write_report
-        from service.storage import open_storage
-        from service.uris import check_storage_uri
 
-        try:
-            check_storage_uri(args.uri)
-        except ValueError as err:
-            raise ManifestError(f"report: URI {args.uri!r}: {err}") from None
-        storage = open_storage(args.uri)
-        try:
-            record = json.loads(storage.read_bytes("run.json"))
-        except FileNotFoundError:
-            raise ManifestError(f"{args.uri}: no run.json (not a finished run's output)") from None
+        storage, record = finished_run("report", args.uri)
         out = Path(args.uri) if not args.uri.startswith("s3://") else Path.cwd()
         for path in write_report(record, out):
             if args.uri.startswith("s3://"):

@@ -327,6 +327,7 @@ def test_spotlora_export_with_its_data_out_of_reach_uses_generic_prompts(
         ("{tmp}/nothing-here", "no run.json (not a finished run's output)"),
         ("ftp://host/run", "export: URI 'ftp://host/run'"),
         ("{tmp}/no-adapter", "no adapter/adapter_model.safetensors"),
+        ("{tmp}/corrupt", "corrupt/run.json: not a run record"),
     ],
 )
 def test_spotlora_export_refuses_what_is_not_a_finished_run(
@@ -339,6 +340,8 @@ def test_spotlora_export_refuses_what_is_not_a_finished_run(
     )
     record = {"status": "skipped", "manifest": job.model_dump(mode="json", by_alias=True)}
     (no_adapter / "run.json").write_text(json.dumps(record))
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "run.json").write_bytes(b'{"status": "succ\xff')  # cut short
     done = run_job(["export", uri.format(tmp=tmp_path)], job_env(tmp_path / "cache"))
     assert done.code == 2, done.stderr[-3000:]
     assert message in done.stderr
