@@ -53,6 +53,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "rms_norm_eps": 1e-5,
     },
+    # Another architecture of the size: biases on q/k/v, a 152,064-token vocabulary (the
+    # embeddings and LM head 1.09 B of the 7.6 B), wider MLP, 28 layers.
+    "qwen2.5-7b": {
+        "model_type": "qwen2",
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "use_sliding_window": False,
+        "rms_norm_eps": 1e-6,
+    },
+    # The same with the LM head tied to the embeddings (one 545 M matrix instead of two).
+    "qwen2.5-7b-tied": {
+        "model_type": "qwen2",
+        "tie_word_embeddings": True,
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "use_sliding_window": False,
+        "rms_norm_eps": 1e-6,
+    },
     # A quick check of the whole path in seconds; same vocabulary, GQA and MLP shape ratios.
     "small": {
         "model_type": "mistral",
@@ -78,7 +108,7 @@ def model_config(preset: str) -> Any:
         fields.pop("model_type"),
         hidden_act="silu",
         initializer_range=0.02,
-        tie_word_embeddings=False,
+        tie_word_embeddings=fields.pop("tie_word_embeddings", False),
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=None,
@@ -91,7 +121,10 @@ def param_count(preset: str) -> int:
     h, i, n = p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"]
     kv = h // p["num_attention_heads"] * p["num_key_value_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-    return n * per_layer + 2 * p["vocab_size"] * h + h
+    if p["model_type"] == "qwen2":  # biases on q, k and v
+        per_layer += h + 2 * kv
+    heads = 1 if p.get("tie_word_embeddings") else 2
+    return n * per_layer + heads * p["vocab_size"] * h + h
 
 
 # --------------------------------------------------------------------------- data

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import ensure_model_dir, environment, matmul_tflops, write_json
+from bench.common import PRESETS, ensure_model_dir, environment, matmul_tflops, write_json
 
 
 def prepare(preset: str, model_dir: Path, out: Path) -> None:
@@ -46,6 +46,8 @@ def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: floa
         cmd.append("--unfused-norms")
     if name == "spotlora-triton-loss":
         cmd.append("--triton-loss")
+    if name.startswith("spotlora-keep"):  # spotlora-keepN: the last N layers not checkpointed
+        cmd += ["--uncheckpointed-layers", name.removeprefix("spotlora-keep")]
     if sizes:
         cmd += ["--batch-sizes", sizes]
     return cmd
@@ -77,9 +79,7 @@ def table(results: list[dict[str, Any]], seed_rate: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--preset", default="mistral-7b", choices=["mistral-7b", "llama-3.1-8b", "small"]
-    )
+    parser.add_argument("--preset", default="mistral-7b", choices=sorted(PRESETS))
     parser.add_argument("--t4", action="store_true", help="fp16 and a 15 GiB cap, every variant")
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))

@@ -76,6 +76,23 @@ def measure(trainer: Any, warmup: int) -> dict[str, Any]:
     }
 
 
+def keep_activations(count: int) -> Any:
+    """Selective activation checkpointing: once the trainer has switched checkpointing on,
+    the last `count` decoder layers are run without it (their activations kept)."""
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class Keep(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            layers = [
+                m for m in kwargs["model"].modules() if isinstance(m, GradientCheckpointingLayer)
+            ]
+            for layer in layers[len(layers) - count :]:
+                layer.gradient_checkpointing = False
+
+    return Keep()
+
+
 def rows_dataset() -> list[dict[str, Any]]:
     return token_rows(ROWS)
 
@@ -243,6 +260,12 @@ def main() -> None:
         help="the models' own RMSNorm forward instead of F.rms_norm (service.kernels)",
     )
     parser.add_argument(
+        "--uncheckpointed-layers",
+        type=int,
+        default=0,
+        help="selective activation checkpointing: the last N decoder layers keep their activations",
+    )
+    parser.add_argument(
         "--triton-loss",
         action="store_true",
         help="with --t4: keep trl's Triton LM-head loss kernel, which a real T4 cannot use",
@@ -311,6 +334,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         trainer = product_trainer(spec, peft_model, tokenizer, dtype)
+        if opts.uncheckpointed_layers:
+            trainer.add_callback(keep_activations(opts.uncheckpointed_layers))
         chosen = trainer.args.per_device_train_batch_size
         preflight = preflight_estimate(spec, config)
         estimate = estimate_memory(
@@ -324,6 +349,7 @@ def main() -> None:
             "requested_batch_size": size,
             "gradient_accumulation": opts.accumulation,
             "gradient_checkpointing": spec.training.gradient_checkpointing,
+            "uncheckpointed_layers": opts.uncheckpointed_layers,
             "estimated_peak_gib": estimate.total_bytes(chosen) / 2**30,
             "preflight_peak_gib": preflight.total_bytes(chosen) / 2**30,
             "allocated_before_gib": torch.cuda.memory_allocated() / 2**30,

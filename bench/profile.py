@@ -1,0 +1,103 @@
+"""Where a training step's time goes: python -m bench.profile --t4 --batch-size 32
+
+The product's default path (as bench.variant's `spotlora`), a few steps under
+torch.profiler after warm-up. Prints the GPU's busy share of the profiled wall time (the
+rest is the host launching work, or waiting), the kernels by GPU time grouped into families,
+and writes the Chrome trace and the full table under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import PRESETS, emulate_t4, ensure_model_dir
+from bench.variant import job_spec, load_product_model, product_trainer
+
+FAMILIES = (
+    ("gemm", r"gemm|cutlass|sm\d+_xmma|ampere_|hopper|nvjet|cublas"),
+    ("4-bit dequantize", r"kDequantize|dequantize"),
+    ("attention", r"fmha|flash|attention|efficient"),
+    ("rms norm", r"rms_norm|RmsNorm|rmsnorm"),
+    ("optimizer", r"adam|Adam|multi_tensor"),
+    ("copy / cast", r"copy|Copy|cast|convert"),
+    ("dropout", r"dropout|fused_dropout|bernoulli"),
+    ("reduce", r"reduce|Reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled"),
+)
+
+
+def family(name: str) -> str:
+    return next((label for label, pattern in FAMILIES if re.search(pattern, name)), "other")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-dir", type=Path, help="default /tmp/spotlora-bench/<preset>")
+    parser.add_argument("--preset", default="mistral-7b", choices=sorted(PRESETS))
+    parser.add_argument("--t4", action="store_true", help="fp16 and a 15 GiB memory cap")
+    parser.add_argument("--batch-size", default="auto")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("bench-results/profile"))
+    opts = parser.parse_args()
+    opts.model_dir = opts.model_dir or Path(f"/tmp/spotlora-bench/{opts.preset}")
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    if opts.t4:
+        emulate_t4()
+    dtype = "fp16" if opts.t4 else "bf16"
+    size = opts.batch_size if opts.batch_size == "auto" else int(opts.batch_size)
+    spec = job_spec(
+        opts.model_dir, dtype, opts.warmup + opts.steps, {"batch_size": size}, "compute"
+    )
+    ensure_model_dir(opts.preset, opts.model_dir)
+    model, tokenizer, _ = load_product_model(spec, opts.model_dir, dtype)
+    trainer = product_trainer(spec, model, tokenizer, dtype)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    window: dict[str, float] = {}
+
+    class Window(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            torch.cuda.synchronize()
+            if state.global_step == opts.warmup:
+                window["start"] = time.perf_counter()
+                prof.start()
+            elif state.global_step == opts.warmup + opts.steps:
+                prof.stop()
+                window["end"] = time.perf_counter()
+
+    trainer.add_callback(Window())
+    trainer.train()
+    wall = window["end"] - window["start"]
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e6
+    busy = sum(kernels.values())
+    families: dict[str, float] = {}
+    for name, seconds in kernels.items():
+        families[family(name)] = families.get(family(name), 0.0) + seconds
+    opts.out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(opts.out / "trace.json"))
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60)
+    (opts.out / "table.txt").write_text(table)
+    batch = trainer.args.per_device_train_batch_size
+    print(
+        f"micro-batch {batch}, {opts.steps} step(s): wall {wall:.3f} s, GPU kernels {busy:.3f} s "
+        f"({busy / wall:.0%} busy)"
+    )
+    for label, seconds in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:18s} {seconds:7.3f} s  {seconds / wall:6.1%} of wall")
+    for name, seconds in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"  {seconds:7.3f} s  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
