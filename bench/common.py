@@ -68,21 +68,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_sliding_window": False,
         "rms_norm_eps": 1e-6,
     },
-    # The same with the LM head tied to the embeddings (one 545 M matrix instead of two).
-    "qwen2.5-7b-tied": {
-        "model_type": "qwen2",
-        "tie_word_embeddings": True,
-        "vocab_size": 152064,
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 32768,
-        "rope_theta": 1000000.0,
-        "use_sliding_window": False,
-        "rms_norm_eps": 1e-6,
-    },
     # A quick check of the whole path in seconds; same vocabulary, GQA and MLP shape ratios.
     "small": {
         "model_type": "mistral",
@@ -98,6 +83,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
     },
 }
+
+# The same with the LM head tied to the embeddings (one 545 M matrix instead of two).
+PRESETS["qwen2.5-7b-tied"] = {**PRESETS["qwen2.5-7b"], "tie_word_embeddings": True}
 
 
 def model_config(preset: str) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from bench.common import model_config
 from service.errors import ExitCode, ManifestError
 from service.export import (
     RUNTIME_BYTES,
@@ -25,18 +26,7 @@ from service.manifest import FineTuneJob, JobSpec
 
 GIB = 2**30
 CGROUP = "the cgroup limit, /sys/fs/cgroup/memory.max"
-# Mistral-7B-v0.1's shape (config.json): 7.24 billion parameters, 14.48 GB in bf16.
-MISTRAL_7B = {
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": False,
-}
-MISTRAL_7B_PARAMETERS = 7_241_732_096
+MISTRAL_7B_PARAMETERS = 7_241_732_096  # bench.common's Mistral-7B-v0.1 shape
 
 
 def job_spec(**export: Any) -> JobSpec:
@@ -58,7 +48,7 @@ def job_spec(**export: Any) -> JobSpec:
 def llama_config(dtype: str | None = "bfloat16", **dims: Any) -> Any:
     from transformers import LlamaConfig
 
-    config = LlamaConfig(**(dims or MISTRAL_7B))
+    config = LlamaConfig(**dims) if dims else model_config("mistral-7b")
     config.dtype = dtype
     return config
 
