@@ -46,6 +46,8 @@ def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: floa
         cmd.append("--unfused-norms")
     if name == "spotlora-triton-loss":
         cmd.append("--triton-loss")
+    if name == "spotlora-offload":
+        cmd.append("--offload-activations")
     if name.startswith("spotlora-keep"):  # spotlora-keepN: the last N layers not checkpointed
         cmd += ["--uncheckpointed-layers", name.removeprefix("spotlora-keep")]
     if sizes:

@@ -260,6 +260,11 @@ def main() -> None:
         help="the models' own RMSNorm forward instead of F.rms_norm (service.kernels)",
     )
     parser.add_argument(
+        "--offload-activations",
+        action="store_true",
+        help="training.offload_activations: the checkpointed layer inputs in pinned host memory",
+    )
+    parser.add_argument(
         "--uncheckpointed-layers",
         type=int,
         default=0,
@@ -329,6 +334,7 @@ def main() -> None:
             "gradient_accumulation": opts.accumulation,
             "gradient_checkpointing": not opts.no_checkpointing,
             "torch_compile": opts.compile,
+            "offload_activations": opts.offload_activations,
         }
         spec = job_spec(opts.model_dir, dtype, opts.steps, overrides, frozen_dtype)
         gc.collect()
@@ -343,6 +349,7 @@ def main() -> None:
             max_length=512,
             gradient_checkpointing=spec.training.gradient_checkpointing,
             weight_bytes=torch.cuda.memory_allocated(),
+            offload_activations=spec.training.offload_activations,
         )
         run = {
             "batch_size": chosen,
@@ -350,6 +357,7 @@ def main() -> None:
             "gradient_accumulation": opts.accumulation,
             "gradient_checkpointing": spec.training.gradient_checkpointing,
             "uncheckpointed_layers": opts.uncheckpointed_layers,
+            "offload_activations": opts.offload_activations,
             "estimated_peak_gib": estimate.total_bytes(chosen) / 2**30,
             "preflight_peak_gib": preflight.total_bytes(chosen) / 2**30,
             "allocated_before_gib": torch.cuda.memory_allocated() / 2**30,

@@ -35,7 +35,12 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    model: Any, *, max_length: int, gradient_checkpointing: bool, weight_bytes: int
+    model: Any,
+    *,
+    max_length: int,
+    gradient_checkpointing: bool,
+    weight_bytes: int,
+    offload_activations: bool = False,
 ) -> MemoryEstimate:  # weight_bytes: what the loaded model holds on the device now
     """Peak GPU memory of a training step, from the loaded model, before one runs."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -49,6 +54,7 @@ def estimate_memory(
         weight_bytes=weight_bytes,
         max_length=max_length,
         gradient_checkpointing=gradient_checkpointing,
+        offload_activations=offload_activations,
     )
 
 
@@ -61,18 +67,18 @@ def _estimate(
     weight_bytes: int,
     max_length: int,
     gradient_checkpointing: bool,
+    offload_activations: bool,
 ) -> MemoryEstimate:
     """With checkpointing a token keeps each layer's input (in the residual stream's dtype,
-    that of the frozen unquantized weights) plus one layer's working set; without it,
-    every layer's working set."""
+    that of the frozen unquantized weights; in host memory when offloaded) plus one layer's
+    working set; without it, every layer's working set."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     intermediate = getattr(config, "intermediate_size", 4 * hidden)
     layer = (
         LAYER_WORKING_SET * (hidden + intermediate) * 2 + RESIDUAL_COPIES * hidden * frozen_bytes
     )
-    per_token = layers * hidden * frozen_bytes + (
-        layer if gradient_checkpointing else layers * layer
-    )
+    kept_inputs = 0 if offload_activations else layers * hidden * frozen_bytes
+    per_token = kept_inputs + (layer if gradient_checkpointing else layers * layer)
     head_copies = LM_HEAD_COPIES if frozen_bytes > compute_bytes else 0
     # weight_bytes holds the (fp32) adapters already; add their gradients and two AdamW moments
     fixed = weight_bytes + 12 * trainable + head_copies * config.vocab_size * hidden * 2
@@ -124,6 +130,7 @@ def preflight_estimate(spec: JobSpec, config: Any) -> MemoryEstimate:
         weight_bytes=int(weight_bytes),
         max_length=spec.data.max_length,
         gradient_checkpointing=spec.training.gradient_checkpointing,
+        offload_activations=spec.training.offload_activations,
     )
 
 

@@ -104,6 +104,7 @@ def build_trainer(
         callbacks=callbacks,
         data_collator=PackedRowsCollator(tokenizer.pad_token_id) if spec.data.packing else None,
     )
+    trainer.offload_activations = t.offload_activations
     # Its print() of every log dict bypasses structured logging; LogCallback replaces it.
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogCallback())
@@ -150,6 +151,7 @@ def resolve_batch_size(spec: JobSpec, model: Any, *, on_cpu: bool) -> int:
         max_length=spec.data.max_length,
         gradient_checkpointing=spec.training.gradient_checkpointing,
         weight_bytes=torch.cuda.memory_allocated(),
+        offload_activations=spec.training.offload_activations,
     )
     limit = memory_limit_bytes()
     chosen = auto_batch_size(estimate, limit)
@@ -179,10 +181,19 @@ def pack_datasets(trainer: Any, max_length: int) -> None:
 def _packed_sft_trainer() -> type:
     from trl import SFTTrainer
 
+    from service.offload import activations_on_host
+
     class PackedSFTTrainer(SFTTrainer):
         """trl counts a micro-batch without an attention mask as one padding-free row
         (position_ids.size(1) tokens); packed rows come several to a micro-batch, so the
-        collator passes the true count and it replaces trl's in the token total."""
+        collator passes the true count and it replaces trl's in the token total. With
+        training.offload_activations, each step's saved activations wait in host memory."""
+
+        offload_activations = False
+
+        def training_step(self, *args: Any, **kwargs: Any) -> Any:
+            with activations_on_host(self.offload_activations):
+                return super().training_step(*args, **kwargs)
 
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any

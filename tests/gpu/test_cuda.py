@@ -118,3 +118,68 @@ def test_the_t4_kernel_path_trains_the_same_curve(
         losses[t4] = step_losses(json.loads((out / "run.json").read_text()))
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
+
+
+def test_offloaded_activations_come_back_bitwise_and_free_gpu_memory() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    from service.offload import activations_on_host
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(2048, 2048, device="cuda", dtype=torch.float16) for _ in range(8)]
+    x0 = torch.randn(4096, 2048, device="cuda", dtype=torch.float16)
+
+    def step(offloaded: bool) -> tuple[int, list[torch.Tensor]]:
+        for layer in layers:
+            layer.weight.grad = None
+        x = x0.clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with activations_on_host(offloaded):
+            h = x
+            for layer in layers:
+                h = checkpoint(lambda t, m=layer: torch.relu(m(t)), h, use_reentrant=False)
+            h.float().pow(2).mean().backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before, [m.weight.grad for m in layers]
+
+    kept_peak, kept_grads = step(False)
+    moved_peak, moved_grads = step(True)
+    for a, b in zip(kept_grads, moved_grads, strict=True):
+        assert torch.equal(a, b)
+    # Eight layer inputs of 16 MiB each wait in host memory instead.
+    assert kept_peak - moved_peak >= 6 * 16 * 2**20, (kept_peak, moved_peak)
+
+
+def test_a_job_with_offloaded_activations_trains_the_same_curve(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 as on a T4; every saved CUDA tensor moved (the tiny model's are all small)."""
+    from service import offload
+    from service.cli import main
+
+    moved: list[int] = []
+    original = offload._pack
+
+    def counting(tensor: object) -> object:
+        packed = original(tensor)
+        if isinstance(packed, tuple):
+            moved.append(1)
+        return packed
+
+    monkeypatch.setattr(offload, "MIN_OFFLOAD_BYTES", 0)
+    monkeypatch.setattr(offload, "_pack", counting)
+    losses = {}
+    for offloaded in (False, True):
+        out = tmp_path / f"out-{offloaded}"
+        job = t4_job(tiny_model, tiny_data, out)
+        job["spec"]["training"].update(gradient_checkpointing=True, offload_activations=offloaded)
+        for key, value in job_env(tmp_path / f"cache-{offloaded}").items():
+            monkeypatch.setenv(key, value)
+        assert main(["run", "-f", str(write(tmp_path / f"{offloaded}.yaml", job))]) == 0
+        losses[offloaded] = step_losses(json.loads((out / "run.json").read_text()))
+    assert moved
+    assert losses[True].keys() == losses[False].keys() and len(losses[True]) == 8
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
