@@ -284,6 +284,9 @@ def test_ctrl_c_stops_commands_that_run_no_job(tmp_path: Path) -> None:
         env=env,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a suite started in the background of a shell without job
+        # control inherits SIGINT ignored, and Python then installs no handler for it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         silent.settimeout(120)
