@@ -21,7 +21,14 @@ MIN_OFFLOAD_BYTES = 1 << 20
 def _pack(tensor: Any) -> Any:
     import torch
 
-    if tensor.device.type != "cuda" or tensor.nbytes < MIN_OFFLOAD_BYTES:
+    if (
+        tensor.device.type != "cuda"
+        or tensor.nbytes < MIN_OFFLOAD_BYTES
+        # A weight, or a view of one (F.linear saves weight.t()), stays on the GPU anyway:
+        # a copy would free nothing (trl's LM-head loss saves the whole head).
+        or isinstance(tensor, torch.nn.Parameter)
+        or isinstance(tensor._base, torch.nn.Parameter)
+    ):
         return tensor
     host = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
