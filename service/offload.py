@@ -2,10 +2,10 @@
 the checkpointed decoder layers' inputs above all, held in pinned host memory instead of
 on the GPU, so a micro-batch can be larger in the same GPU memory.
 
-Both copies are issued without blocking the host, on the stream that made the tensor: the
-copy out is ordered before any reuse of the GPU block, the copy back before any kernel that
-reads it, and the pinned buffers are recycled only once their copies are done (PyTorch's
-caching host allocator). The tensors come back bitwise the same.
+Both copies are issued without blocking the host, on the current stream, the one training
+runs on: the copy out is ordered before any reuse of the GPU block, the copy back before any
+kernel that reads it, and the pinned buffers are recycled only once their copies are done
+(PyTorch's caching host allocator). The tensors come back bitwise the same.
 """
 
 from __future__ import annotations
