@@ -62,6 +62,10 @@ def job_env(cache_dir: Path, **extra: str) -> dict[str, str]:
         "SPOTLORA_CACHE_DIR": str(cache_dir),
         "SPOTLORA_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
+        # Runs are compared bit for bit across processes. With two OpenMP threads, about one
+        # run in fifteen computed the worker thread's half of the first RoPE cos ~1e-4 off
+        # (torch 2.13 CPU); one thread is exact and no slower for these tiny models.
+        "OMP_NUM_THREADS": "1",
     }
     for key in ("SPOTLORA_RUN_ID", "SPOTLORA_MANIFEST", "SPOTLORA_MANIFEST_URI"):
         env.pop(key, None)
