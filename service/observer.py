@@ -7,6 +7,8 @@ alone sets the phase gauge and writes the attempt record, and calls nothing back
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,7 @@ import structlog
 from service import ledger, tracking
 from service.attempts import AttemptLog
 from service.checkpoint.store import Committed
+from service.errors import Preempted, Superseded
 from service.ledger import Price
 from service.manifest.spec import FineTuneJob, JobSpec
 from service.metrics.registry import JobMetrics, Phase
@@ -106,6 +109,29 @@ class RunObserver:
     def publishing(self, trainer: Any) -> None:
         """Before the run's record is written, so it covers the tracker files."""
         self._close_trackers("FINISHED", trainer)
+
+    @contextmanager
+    def ending(
+        self, step: Callable[[], int], reason: Callable[[], str | None], trainer: Callable[[], Any]
+    ) -> Iterator[None]:
+        """Records how the attempt ends, whatever ends it: its ledger row and the last phase."""
+        outcome: Phase | None = Phase.FAILED
+        try:
+            yield
+            outcome = Phase.DONE
+        except Preempted:
+            outcome = Phase.PREEMPTED
+            self.attempt_ended("preempted", step(), reason=reason())
+            raise
+        except Superseded:
+            outcome = None  # the pod that took over speaks for the job now
+            self.attempt_ended("superseded", step())
+            raise
+        except BaseException as err:
+            self.attempt_ended("failed", step(), reason=repr(err))
+            raise
+        finally:
+            self.finished(outcome, trainer())
 
     def finished(self, outcome: Phase | None, trainer: Any = None) -> None:
         """DONE, PREEMPTED or FAILED pushed; None (superseded) pushes nothing."""

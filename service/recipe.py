@@ -58,6 +58,7 @@ class FineTuneRun:
         self.spec, self.settings, self.run_id = loaded.job.spec, settings, run_id
         self.ranks = ranks_from_env()
         self.facts = record.RunFacts(loaded, run_id, self.ranks.world_size)
+        self.records = record.RunRecord(self.facts, parts.committer, parts.attempt)
         self.work_dir = settings.cache_dir / "runs" / run_id
         self.checkpoints = parts.checkpoints
         self.resumer = parts.resumer
@@ -80,35 +81,20 @@ class FineTuneRun:
 
     def run(self) -> ExitCode:
         self.observer.start(self.spec, self.ranks.local_rank, self.facts.loaded.sha256, self.run_id)
-        outcome: Phase | None = Phase.FAILED
-        try:
-            with self.watcher:
-                self.observer.phase(Phase.LOADING)
-                if self.publisher.finished(repair=self.ranks.is_main) is None:
-                    self.setup()
-                    if self.skipped:
-                        self.record_skip()
-                    else:
-                        self.train()
-                        self.save()
-                # No rank leaves before rank 0 has published: a finished index of an
-                # Indexed Job is never rerun, so an early exit could strand a retry.
-                barrier()
-            outcome = Phase.DONE
-            return ExitCode.OK
-        except Preempted:
-            outcome = Phase.PREEMPTED
-            self.observer.attempt_ended("preempted", self._step(), reason=self.watcher.reason)
-            raise
-        except Superseded:
-            outcome = None  # the pod that took over speaks for the job now
-            self.observer.attempt_ended("superseded", self._step())
-            raise
-        except BaseException as err:
-            self.observer.attempt_ended("failed", self._step(), reason=repr(err))
-            raise
-        finally:
-            self.observer.finished(outcome, self.trainer)
+        ending = self.observer.ending(self._step, lambda: self.watcher.reason, lambda: self.trainer)
+        with ending, self.watcher:
+            self.observer.phase(Phase.LOADING)
+            if self.publisher.finished(repair=self.ranks.is_main) is None:
+                self.setup()
+                if self.skipped:
+                    self.record_skip()
+                else:
+                    self.train()
+                    self.save()
+            # No rank leaves before rank 0 has published: a finished index of an
+            # Indexed Job is never rerun, so an early exit could strand a retry.
+            barrier()
+        return ExitCode.OK
 
     def setup(self) -> None:
         from service import data, model
@@ -163,7 +149,7 @@ class FineTuneRun:
             instance, price = ledger.attempt_price(self.spec, self.settings)
             earlier = self.observer.priced(instance, price, self.ranks.world_size)
             past = self.retraining.history.interruptions() if self.retraining else (0.0, 0)
-            self.safepoint.pace(ledger.interruptions(earlier), past)
+            self.safepoint.schedule.pace(ledger.interruptions(earlier), past)
             self.attempt.start()
         barrier()
         self._resume()
@@ -224,7 +210,7 @@ class FineTuneRun:
             decision=self.decision,
             compared_tag=self.retraining.published_tag if self.retraining else None,
             eval_loss=record.losses(self.trainer.state.log_history)["final_eval"],
-            record=self._final_record,
+            record=self.records.succeeded,
         )
         self.attempt.save()
         self.observer.recorded(written["cost"])
@@ -233,13 +219,8 @@ class FineTuneRun:
 
     def record_skip(self) -> None:
         if self.ranks.is_main:
-            self.publisher.record_skip({**self.record("skipped"), "reason": self.skipped})
+            self.publisher.record_skip({**self.records.build("skipped"), "reason": self.skipped})
             self.observer.metrics.skipped()
-
-    def record(self, status: str) -> dict[str, Any]:
-        return record.build(
-            self.facts, status, committer=self.committer, attempts=self.attempt.history()
-        )
 
     # ------------------------------------------------------------------ the steps' parts
 
@@ -283,11 +264,6 @@ class FineTuneRun:
             self.safepoint.mark_resumed(committed.step)
             self.observer.resumed(committed.step)
             log.info("resuming", step=committed.step, manifest=committed.manifest_key)
-
-    def _final_record(self, decision: Decision | None) -> dict[str, Any]:
-        self.attempt.finish_in_record("done", self._step())
-        self.facts.promotion = vars(decision) if decision else None
-        return self.record("succeeded")
 
     def _step(self) -> int:
         return int(self.trainer.state.global_step) if self.trainer else self.start_step

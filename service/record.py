@@ -9,12 +9,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service import ledger
+from service.attempts import AttemptLog
 from service.history import training_sha256
 from service.manifest import LoadedManifest
 from service.versions import library_versions
+
+if TYPE_CHECKING:
+    from service.retraining import Decision
 
 
 def losses(log_history: Sequence[dict[str, Any]]) -> dict[str, float | None]:
@@ -70,6 +74,24 @@ class RunFacts:
         """Seconds since the run started, kept as ``<name>_seconds``."""
         seconds = self.timings[f"{name}_seconds"] = round(time.monotonic() - self._t0, 3)
         return seconds
+
+
+@dataclass
+class RunRecord:
+    """run.json for one run: its facts, its commits, and its attempts' ledger."""
+
+    facts: RunFacts
+    committer: Any  # the run's checkpoint.committer.BackgroundCommitter
+    attempts: AttemptLog
+
+    def build(self, status: str) -> dict[str, Any]:
+        return build(self.facts, status, committer=self.committer, attempts=self.attempts.history())
+
+    def succeeded(self, decision: Decision | None) -> dict[str, Any]:
+        """The finished run's record, this attempt closed as done (Publisher.publish's)."""
+        self.attempts.finish_in_record("done", int(self.facts.trainer.state.global_step))
+        self.facts.promotion = vars(decision) if decision else None
+        return self.build("succeeded")
 
 
 def build(

@@ -10,7 +10,9 @@ from the ledger of this job's attempts (service.ledger), starting from a stated 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
@@ -80,3 +82,43 @@ class AutoInterval:
                 history_interruptions=self.history_interruptions,
             )
         return interval
+
+
+class CheckpointSchedule:
+    """When a periodic checkpoint is due: every N steps, every S seconds, or ``auto``."""
+
+    def __init__(self, every_steps: int | None, every_seconds: float | Literal["auto"] | None):
+        self.every_steps = every_steps
+        self.auto = AutoInterval() if every_seconds == "auto" else None
+        self.every_seconds = None if every_seconds == "auto" else every_seconds
+        self._started = self._last_save = time.monotonic()
+
+    def start(self) -> None:
+        self._started = self._last_save = time.monotonic()
+
+    def pace(self, *histories: tuple[float, int]) -> None:
+        """The interruptions seen before (running seconds, early ends), for an auto interval."""
+        if self.auto is not None:
+            self.auto.history_seconds = sum(seconds for seconds, _ in histories)
+            self.auto.history_interruptions = sum(count for _, count in histories)
+
+    def interval_seconds(self) -> float | None:
+        """Seconds between time-based checkpoints now (None: by steps only)."""
+        if self.auto is not None:
+            return self.auto.seconds(time.monotonic() - self._started)
+        return self.every_seconds
+
+    def time_due(self) -> bool:
+        interval = self.interval_seconds()
+        return bool(interval and time.monotonic() - self._last_save >= interval)
+
+    def step_due(self, step: int) -> bool:
+        return bool(self.every_steps and step % self.every_steps == 0)
+
+    def saved(self) -> None:
+        self._last_save = time.monotonic()
+
+    def measured(self, blocking_seconds: float, upload_seconds: float | None) -> None:
+        """What a save cost training (the snapshot and any wait for the previous upload)."""
+        if self.auto is not None:
+            self.auto.saved(blocking_seconds, upload_seconds)

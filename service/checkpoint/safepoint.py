@@ -12,7 +12,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -20,7 +20,7 @@ import structlog
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from service.checkpoint.committer import BackgroundCommitter
-from service.checkpoint.interval import AutoInterval
+from service.checkpoint.interval import CheckpointSchedule
 from service.distributed import (
     Ranks,
     any_rank,
@@ -45,6 +45,23 @@ FINISH_STEP_BUDGET_SHARE = 1 / 3
 class StopState:
     preempted: bool = False
     mid_step: bool = False  # stopped between micro-batches: save the previous step's state
+
+
+@dataclass
+class MicroBatchClock:
+    """Micro-batch time (a moving average) and how many of this step's are done."""
+
+    seconds: float = 0.0
+    done_in_step: int = 0
+    _started: float = field(default_factory=time.monotonic)
+
+    def step_begins(self) -> None:
+        self.done_in_step, self._started = 0, time.monotonic()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        elapsed, self._started = now - self._started, now
+        self.seconds = elapsed if self.seconds == 0 else 0.8 * self.seconds + 0.2 * elapsed
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -99,12 +116,11 @@ class SafePointCallback(TrainerCallback):
         ranks: Ranks | None = None,
     ) -> None:
         self.ranks = ranks or Ranks()
-        self.every_steps = spec.checkpoint.every_steps
-        every = spec.checkpoint.every_seconds
-        # checkpoint.every_seconds: auto; the recipe gives it the ledger's history.
-        self.auto = AutoInterval() if every == "auto" else None
-        self.every_seconds = None if every == "auto" else every
-        self._train_started = time.monotonic()
+        # With checkpoint.every_seconds: auto, the recipe paces it from the ledger's history.
+        self.schedule = CheckpointSchedule(
+            spec.checkpoint.every_steps, spec.checkpoint.every_seconds
+        )
+        self.clock = MicroBatchClock()
         self.committer = committer
         self.watcher = watcher
         self.work_dir = work_dir
@@ -113,60 +129,32 @@ class SafePointCallback(TrainerCallback):
         self.stop = StopState()
         self.step_rng: dict[str, Any] | None = None
         self.step_ended_unix: dict[int, float] = {}
-        self._last_save_time = time.monotonic()
         self.last_saved_step = -1
         self._save_requested_at: float | None = None
-        self._micro_seconds = 0.0
-        self._micro_started = time.monotonic()
-        self._micro_in_step = 0
         self._staging = itertools.count()
-
-    def interval_seconds(self) -> float | None:
-        """Seconds between time-based checkpoints now (None: by steps only)."""
-        if self.auto is not None:
-            return self.auto.seconds(time.monotonic() - self._train_started)
-        return self.every_seconds
-
-    def pace(self, *histories: tuple[float, int]) -> None:
-        """The interruptions seen before (running seconds, early ends), for an auto interval."""
-        if self.auto is not None:
-            self.auto.history_seconds = sum(seconds for seconds, _ in histories)
-            self.auto.history_interruptions = sum(count for _, count in histories)
 
     def mark_resumed(self, step: int) -> None:
         self.last_saved_step = step
         self.step_ended_unix[step] = time.time()
-
-    # -- timing of micro-batches, for the finish-or-stop decision ---------------
-
-    def _tick(self) -> None:
-        now = time.monotonic()
-        elapsed = now - self._micro_started
-        self._micro_seconds = (
-            elapsed if self._micro_seconds == 0 else (0.8 * self._micro_seconds + 0.2 * elapsed)
-        )
-        self._micro_started = now
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         # Work lost by a stop is counted from the last committed step: the start, until one.
         self.step_ended_unix[state.global_step] = time.time()
-        self._train_started = self._last_save_time = time.monotonic()
+        self.schedule.start()
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._micro_in_step = 0
-        self._micro_started = time.monotonic()
+        self.clock.step_begins()
 
     def on_substep_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._tick()
-        self._micro_in_step += 1
-        remaining = args.gradient_accumulation_steps - self._micro_in_step
-        expected = remaining * self._micro_seconds
+        self.clock.tick()
+        self.clock.done_in_step += 1
+        expected = (args.gradient_accumulation_steps - self.clock.done_in_step) * self.clock.seconds
         requested = self.watcher.requested.is_set()
         too_long = requested and expected > self.watcher.seconds_left() * FINISH_STEP_BUDGET_SHARE
         requested, too_long = any_rank(requested, too_long)
@@ -174,7 +162,7 @@ class SafePointCallback(TrainerCallback):
             log.warning(
                 "preemption_stop_mid_step",
                 step=state.global_step,
-                micro_batches_done=self._micro_in_step,
+                micro_batches_done=self.clock.done_in_step,
                 expected_finish_seconds=round(expected, 2),
             )
             self.stop = StopState(preempted=True, mid_step=True)
@@ -183,25 +171,21 @@ class SafePointCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._tick()
+        self.clock.tick()
         self.step_rng = capture_rng_state()
         step = state.global_step
         self.step_ended_unix[step] = time.time()
         if self.listener is not None:
             self.listener.step_ended(step)
         # Rank 0's clock decides, as it measures the saves: every rank then agrees below.
-        interval = self.interval_seconds()
-        since = time.monotonic() - self._last_save_time
-        time_due = bool(self.ranks.is_main and interval and since >= interval)
+        time_due = self.ranks.is_main and self.schedule.time_due()
         requested, time_due = any_rank(self.watcher.requested.is_set(), time_due)
         if requested:
             self.stop = StopState(preempted=True)
             control.should_training_stop = True
             if step != self.last_saved_step:
                 control.should_save = True
-        elif step != self.last_saved_step and (
-            (self.every_steps and step % self.every_steps == 0) or time_due
-        ):
+        elif step != self.last_saved_step and (self.schedule.step_due(step) or time_due):
             control.should_save = True
         if control.should_save:
             self._save_started()
@@ -224,24 +208,22 @@ class SafePointCallback(TrainerCallback):
         barrier()
         if self.ranks.distributed:
             self._gather_rng_files(folder)
+        self.schedule.saved()
         if not self.ranks.is_main:
             self.last_saved_step = step
-            self._last_save_time = time.monotonic()
             return
         staged = self.work_dir / f"staged-{step:08d}-{next(self._staging)}"
         os.replace(folder, staged)
         blocking = time.monotonic() - (self._save_requested_at or time.monotonic())
         self._save_requested_at = None
-        self._last_save_time = time.monotonic()
         self.last_saved_step = step
         log.info("checkpoint_saved", step=step, blocking_seconds=round(blocking, 3))
         if self.listener is not None:
             self.listener.checkpoint_saved(step, blocking)
         queued = time.monotonic()
         self.committer.submit(staged, step, self.order_state)  # waits for the previous upload
-        if self.auto is not None:
-            waited = time.monotonic() - queued
-            self.auto.saved(blocking + waited, self.committer.last_upload_seconds)
+        waited = time.monotonic() - queued
+        self.schedule.measured(blocking + waited, self.committer.last_upload_seconds)
 
     def _gather_rng_files(self, folder: Path) -> None:
         name = f"rng_state_{self.ranks.rank}.pth"
