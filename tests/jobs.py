@@ -63,7 +63,7 @@ def job_env(cache_dir: Path, **extra: str) -> dict[str, str]:
         "SPOTLORA_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
         # Runs are compared bit for bit across processes. With two OpenMP threads, about one
-        # run in fifteen computed the worker thread's half of the first RoPE cos ~1e-4 off
+        # run in twelve computed the worker thread's half of the first RoPE cos ~1e-4 off
         # (torch 2.13 CPU); one thread is exact and no slower for these tiny models.
         "OMP_NUM_THREADS": "1",
     }
@@ -71,6 +71,18 @@ def job_env(cache_dir: Path, **extra: str) -> dict[str, str]:
         env.pop(key, None)
     env.update(extra)
     return env
+
+
+def run_in_process(
+    job: dict[str, Any], tmp_path: Path, name: str, monkeypatch: Any
+) -> dict[int, float]:
+    """Run ``job`` in this process, for a test that patches the service; its step losses."""
+    from service.cli import main
+
+    for key, value in job_env(tmp_path / f"cache-{name}").items():
+        monkeypatch.setenv(key, value)
+    assert main(["run", "-f", str(write_manifest(tmp_path / f"{name}.yaml", job))]) == 0
+    return step_losses(json.loads((Path(job["spec"]["output"]["uri"]) / "run.json").read_text()))
 
 
 @dataclass

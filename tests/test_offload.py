@@ -3,7 +3,6 @@ the hooks wrapping every training step (what they move is a CUDA matter: tests/g
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,7 @@ from service import offload
 from service.errors import ManifestError
 from service.manifest.load import validate_document
 from service.memory import preflight_estimate
-from tests.jobs import job_env, manifest, step_losses
-from tests.jobs import write_manifest as write
+from tests.jobs import manifest, run_in_process
 
 
 def test_offload_without_checkpointing_is_refused_naming_both_fields() -> None:
@@ -41,8 +39,6 @@ def test_offload_takes_the_checkpointed_inputs_out_of_the_estimate() -> None:
 def test_every_training_step_runs_under_the_hooks(
     tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.cli import main
-
     packed: list[int] = []
     original = offload._pack
 
@@ -58,9 +54,6 @@ def test_every_training_step_runs_under_the_hooks(
         training = {"max_steps": 3, "gradient_checkpointing": True}
         training["offload_activations"] = offloaded
         job = manifest("offload", str(tiny_model), str(tiny_data), str(out), training=training)
-        for key, value in job_env(tmp_path / f"cache-{offloaded}").items():
-            monkeypatch.setenv(key, value)
-        assert main(["run", "-f", str(write(tmp_path / f"{offloaded}.yaml", job))]) == 0
+        losses[offloaded] = run_in_process(job, tmp_path, str(offloaded), monkeypatch)
         assert bool(packed) is offloaded
-        losses[offloaded] = step_losses(json.loads((out / "run.json").read_text()))
     assert losses[True] == losses[False]  # on CPU nothing moves: the very same run

@@ -14,6 +14,7 @@ from tests.jobs import (
     job_env,
     manifest,
     parse_events,
+    run_in_process,
     run_job,
     step_losses,
 )
@@ -102,20 +103,15 @@ def test_the_t4_kernel_path_trains_the_same_curve(
     from trl.kernels import chunked_logprob
 
     from service import kernels
-    from service.cli import main
 
     losses = {}
     for t4 in (False, True):
         monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", chunked_logprob._TRITON_AVAILABLE)
         if t4:
             monkeypatch.setattr(kernels, "triton_supported", lambda capability: False)
-        out = tmp_path / f"out-{t4}"
-        job = write(tmp_path / f"{t4}.yaml", t4_job(tiny_model, tiny_data, out))
-        for key, value in job_env(tmp_path / f"cache-{t4}").items():
-            monkeypatch.setenv(key, value)
-        assert main(["run", "-f", str(job)]) == 0
+        job = t4_job(tiny_model, tiny_data, tmp_path / f"out-{t4}")
+        losses[t4] = run_in_process(job, tmp_path, str(t4), monkeypatch)
         assert chunked_logprob._TRITON_AVAILABLE is (not t4)
-        losses[t4] = step_losses(json.loads((out / "run.json").read_text()))
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
 
@@ -175,7 +171,6 @@ def test_a_job_with_offloaded_activations_trains_the_same_curve(
 ) -> None:
     """fp16 as on a T4; every saved CUDA tensor moved (the tiny model's are all small)."""
     from service import offload
-    from service.cli import main
 
     moved: list[int] = []
     original = offload._pack
@@ -190,13 +185,9 @@ def test_a_job_with_offloaded_activations_trains_the_same_curve(
     monkeypatch.setattr(offload, "_pack", counting)
     losses = {}
     for offloaded in (False, True):
-        out = tmp_path / f"out-{offloaded}"
-        job = t4_job(tiny_model, tiny_data, out)
+        job = t4_job(tiny_model, tiny_data, tmp_path / f"out-{offloaded}")
         job["spec"]["training"].update(gradient_checkpointing=True, offload_activations=offloaded)
-        for key, value in job_env(tmp_path / f"cache-{offloaded}").items():
-            monkeypatch.setenv(key, value)
-        assert main(["run", "-f", str(write(tmp_path / f"{offloaded}.yaml", job))]) == 0
-        losses[offloaded] = step_losses(json.loads((out / "run.json").read_text()))
+        losses[offloaded] = run_in_process(job, tmp_path, str(offloaded), monkeypatch)
     assert moved
     assert losses[True].keys() == losses[False].keys() and len(losses[True]) == 8
     for step, loss in losses[False].items():
