@@ -34,6 +34,16 @@ def family(name: str) -> str:
     return next((label for label, pattern in FAMILIES if re.search(pattern, name)), "other")
 
 
+def idle_gaps(spans: list[tuple[float, float]], least: float = 1e-4) -> list[float]:
+    """The GPU's idle stretches longer than `least` seconds between kernel spans, largest first."""
+    gaps, busy_until = [], None
+    for start, end in sorted(spans):
+        if busy_until is not None and start - busy_until > least:
+            gaps.append(start - busy_until)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return sorted(gaps, reverse=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-dir", type=Path, help="default /tmp/spotlora-bench/<preset>")
@@ -43,8 +53,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench-results/profile"))
+    parser.add_argument(
+        "--layers", type=int, help="the preset's shape with this many decoder layers (faster)"
+    )
+    parser.add_argument(
+        "--stacks",
+        action="store_true",
+        help="also record shapes and Python stacks: ops by input shape and by call site",
+    )
     opts = parser.parse_args()
-    opts.model_dir = opts.model_dir or Path(f"/tmp/spotlora-bench/{opts.preset}")
+    name = opts.preset if opts.layers is None else f"{opts.preset}-{opts.layers}l"
+    if opts.layers is not None:
+        PRESETS[name] = {**PRESETS[opts.preset], "num_hidden_layers": opts.layers}
+    opts.model_dir = opts.model_dir or Path(f"/tmp/spotlora-bench/{name}")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -57,10 +78,14 @@ def main() -> None:
     spec = job_spec(
         opts.model_dir, dtype, opts.warmup + opts.steps, {"batch_size": size}, "compute"
     )
-    ensure_model_dir(opts.preset, opts.model_dir)
+    ensure_model_dir(name, opts.model_dir)
     model, tokenizer, _ = load_product_model(spec, opts.model_dir, dtype)
     trainer = product_trainer(spec, model, tokenizer, dtype)
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof = profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        record_shapes=opts.stacks,
+        with_stack=opts.stacks,
+    )
     window: dict[str, float] = {}
 
     class Window(TrainerCallback):
@@ -77,9 +102,11 @@ def main() -> None:
     trainer.train()
     wall = window["end"] - window["start"]
     kernels: dict[str, float] = {}
+    spans: list[tuple[float, float]] = []
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e6
+            spans.append((event.time_range.start / 1e6, event.time_range.end / 1e6))
     busy = sum(kernels.values())
     families: dict[str, float] = {}
     for name, seconds in kernels.items():
@@ -88,10 +115,24 @@ def main() -> None:
     prof.export_chrome_trace(str(opts.out / "trace.json"))
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60)
     (opts.out / "table.txt").write_text(table)
+    if opts.stacks:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        (opts.out / "shapes.txt").write_text(
+            by_shape.table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=60)
+        )
+        by_site = prof.key_averages(group_by_stack_n=6)
+        (opts.out / "stacks.txt").write_text(
+            by_site.table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=60)
+        )
     batch = trainer.args.per_device_train_batch_size
     print(
         f"micro-batch {batch}, {opts.steps} step(s): wall {wall:.3f} s, GPU kernels {busy:.3f} s "
         f"({busy / wall:.0%} busy)"
+    )
+    gaps = idle_gaps(spans)
+    print(
+        f"GPU idle between its first and last kernel: {sum(gaps):.3f} s in {len(gaps)} gaps "
+        f"over 0.1 ms, the largest {', '.join(f'{g * 1e3:.1f}' for g in gaps[:8])} ms"
     )
     for label, seconds in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"  {label:18s} {seconds:7.3f} s  {seconds / wall:6.1%} of wall")

@@ -3,7 +3,8 @@
 Builds (once) a random-init model directory of the preset's shape, measures the bf16 and
 fp16 matmul rates, runs each variant in its own process and prints one table. Variants:
 seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp32[:B..],
-spotlora-compile[:B..]
+spotlora-compile[:B..], spotlora-without-LEVER[+LEVER..][:B..] (norms, rotary, swiglu, lora: the
+fused kernels of service.kernels left out)
 (B: micro-batch sizes, swept in one process; default 'auto', the product's default).
 """
 
@@ -42,8 +43,10 @@ def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: floa
         cmd.append("--frozen-fp32")
     if name == "spotlora-compile":
         cmd.append("--compile")
-    if name == "spotlora-unfused-norms":
-        cmd.append("--unfused-norms")
+    if name == "spotlora-unfused-norms":  # the name of earlier runs
+        cmd += ["--without", "norms"]
+    if name.startswith("spotlora-without-"):  # spotlora-without-rotary+swiglu
+        cmd += ["--without", name.removeprefix("spotlora-without-").replace("+", ",")]
     if name == "spotlora-triton-loss":
         cmd.append("--triton-loss")
     if name == "spotlora-offload":

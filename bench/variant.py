@@ -31,7 +31,10 @@ class TokenCounter:
         return self.inner(examples)
 
 
-def make_meter(counter: TokenCounter) -> Any:
+def make_meter(counter: TokenCounter, warmup: int, steps: int) -> Any:
+    """Marks time and tokens at the end of the warm-up and of the last step, after waiting for
+    the GPU there only: a wait at every step would drain the GPU's queue each time and count
+    the refill as training time."""
     import torch
     from transformers import TrainerCallback
 
@@ -40,8 +43,9 @@ def make_meter(counter: TokenCounter) -> Any:
             self.marks: list[tuple[float, int]] = []
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), counter.tokens))
+            if state.global_step in (warmup, steps):
+                torch.cuda.synchronize()
+                self.marks.append((time.perf_counter(), counter.tokens))
 
     return Meter()
 
@@ -51,15 +55,15 @@ def measure(trainer: Any, warmup: int) -> dict[str, Any]:
 
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
-    meter = make_meter(counter)
+    meter = make_meter(counter, warmup, trainer.args.max_steps)
     trainer.add_callback(meter)
     torch.cuda.reset_peak_memory_stats()
     try:
         trainer.train()
     except torch.OutOfMemoryError as err:
         return {"status": "oom", "error": str(err).splitlines()[0]}
-    (t0, n0), (t1, n1) = meter.marks[warmup - 1], meter.marks[-1]
-    steps = len(meter.marks) - warmup
+    (t0, n0), (t1, n1) = meter.marks
+    steps = trainer.args.max_steps - warmup
     # The loader fetches one micro-batch ahead; the offset is the same at both marks.
     seconds = t1 - t0
     return {
@@ -255,9 +259,10 @@ def main() -> None:
         help="peft's k-bit preparation: embeddings, norms and LM head upcast to fp32",
     )
     parser.add_argument(
-        "--unfused-norms",
-        action="store_true",
-        help="the models' own RMSNorm forward instead of F.rms_norm (service.kernels)",
+        "--without",
+        default="",
+        help="comma-separated fused kernels to leave out (service.kernels): "
+        "norms, rotary, swiglu, lora (the models' and peft's own code instead)",
     )
     parser.add_argument(
         "--offload-activations",
@@ -288,8 +293,9 @@ def main() -> None:
 
         chunked_logprob._TRITON_AVAILABLE = True
         kernels.use_triton_kernels = lambda enabled: None  # the loader must not turn it off
-    if opts.unfused_norms:
-        kernels.fuse_rms_norms = lambda model: 0
+    for lever in filter(None, opts.without.split(",")):
+        name = {"norms": "fuse_rms_norms", "rotary": "fuse_rotary", "swiglu": "fuse_swiglu"}
+        setattr(kernels, name.get(lever, f"fuse_{lever}_updates"), lambda model: 0)
     dtype = "fp16" if opts.t4 else "bf16"
     params = param_count(opts.preset)
     result: dict[str, Any] = {
@@ -297,6 +303,7 @@ def main() -> None:
         "preset": opts.preset,
         "params": params,
         "t4_emulation": opts.t4,
+        "without": opts.without,
         "dtype": dtype,
         **environment(),
         "runs": [],

@@ -6,17 +6,28 @@ SFT loss projects through the LM head in chunks, without the full logits, with a
 where Triton is installed; on a T4 it must take trl's own PyTorch path instead (cuBLAS, the
 same arithmetic).
 
-RMSNorm through PyTorch's F.rms_norm, one fused kernel on CUDA each way, instead of the five
-elementwise passes of the models' Python forward over an fp32 copy of the hidden states.
-Only norms whose output matches the original on a probe are replaced.
+What runs on every GPU, a T4 included, with no Triton:
+- RMSNorm through PyTorch's F.rms_norm, one fused kernel each way on CUDA, instead of the five
+  elementwise passes of the models' Python forward over an fp32 copy of the hidden states.
+- Rotary embeddings and the SwiGLU product (silu(gate) * up) as one kernel each way, compiled
+  at first use through NVRTC (which builds for the GPU at hand), in place of five to eight
+  kernels and their intermediate tensors. CUDA only; the CPU keeps the models' own code.
+- The LoRA update of a 4-bit layer as one addmm into the base layer's output (the scaling in
+  the GEMM's epilogue) instead of peft's copy of that output, a scale and an add.
+Each replacement is checked on a probe against the code it replaces, forward and backward;
+what does not match is left alone.
 """
 
 from __future__ import annotations
 
+import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 import structlog
+
+from service import elementwise
 
 log = structlog.get_logger(__name__)
 
@@ -24,6 +35,9 @@ TRITON_MIN_CAPABILITY = (8, 0)
 # Norms of the form weight * x / rms(x), computed in fp32 and cast back (Gemma's 1 + weight and
 # others are not): the classes to try, each still checked on a probe before it is replaced.
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+# MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x)); fused only where act_fn is SiLU.
+SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+PROBE_TOLERANCE = 1e-2  # relative and absolute
 
 
 def triton_supported(capability: tuple[int, int] | None) -> bool:
@@ -41,14 +55,34 @@ def use_triton_kernels(enabled: bool) -> None:
         log.info("triton_kernels_off", reason="GPU below compute capability 8.0")
 
 
+def fuse(model: Any, *, elementwise: bool) -> dict[str, int]:
+    """Every replacement this model takes; `elementwise`: also the jiterator kernels (CUDA,
+    and not under torch.compile, which fuses these itself). Returns counts by kind."""
+    counts = {"rms_norms": fuse_rms_norms(model), "lora_layers": fuse_lora_updates(model)}
+    if elementwise:
+        counts["rotary"] = fuse_rotary(model)
+        counts["swiglu"] = fuse_swiglu(model)
+    return counts
+
+
+def _matches(got: Any, expected: Any) -> bool:
+    import torch
+
+    return got.dtype == expected.dtype and bool(
+        torch.allclose(got, expected, rtol=PROBE_TOLERANCE, atol=PROBE_TOLERANCE)
+    )
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
 def _fused_rms_norm(self: Any, hidden_states: Any) -> Any:
     import torch.nn.functional as F
 
     weight = self.weight
-    out = F.rms_norm(
+    return F.rms_norm(
         hidden_states, weight.shape, weight.to(hidden_states.dtype), self.variance_epsilon
     )
-    return out
 
 
 def fuse_rms_norms(model: Any) -> int:
@@ -65,8 +99,196 @@ def fuse_rms_norms(model: Any) -> int:
         with torch.no_grad():
             expected = module.forward(probe)
             got = _fused_rms_norm(module, probe)
-        if got.dtype != expected.dtype or not torch.allclose(got, expected, rtol=1e-2, atol=1e-2):
+        if not _matches(got, expected):
             continue
         module.forward = types.MethodType(_fused_rms_norm, module)
         replaced += 1
     return replaced
+
+
+# --------------------------------------------------------------------------- LoRA update
+
+
+def _lora_update(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """peft's 4-bit LoRA forward for the plain case (one active vanilla adapter): base output
+    + scaling * B(A(dropout(x))) as one addmm; anything else goes to peft's own forward."""
+    import torch
+
+    name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+    plain = (
+        not args
+        and not kwargs
+        and name in self.lora_A
+        and not self.disable_adapters
+        and not self.merged
+        and name not in getattr(self, "lora_variant", {})
+        and self.lora_B[name].bias is None
+    )
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    result = self.base_layer(x)
+    if not torch.is_autocast_enabled(x.device.type) and not (
+        x.dtype == result.dtype == lora_a.weight.dtype == lora_b.weight.dtype
+    ):
+        return type(self).forward(self, x)
+    down = lora_a(self.lora_dropout[name](x))
+    # In place: the base output is the 4-bit matmul's own new tensor, which its backward does
+    # not keep. addmm_ is not autocast, so the (fp32) B weight is cast here.
+    flat = result.reshape(-1, result.shape[-1])
+    flat.addmm_(
+        down.reshape(-1, down.shape[-1]).to(flat.dtype),
+        lora_b.weight.t().to(flat.dtype),
+        alpha=self.scaling[name],
+    )
+    return flat.view(result.shape)
+
+
+def fuse_lora_updates(model: Any) -> int:
+    """Each peft LoRA layer over a bitsandbytes 4-bit layer computes its update as one addmm."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return 0
+    replaced = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.forward = types.MethodType(_lora_update, module)  # type: ignore[method-assign]
+            replaced += 1
+    return replaced
+
+
+def rotary_embedding(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A model module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) through the
+    fused kernel; any other call goes to `original`."""
+
+    def apply_rotary_pos_emb(q: Any, k: Any, cos: Any, sin: Any, *args: Any, **kwargs: Any) -> Any:
+        plain = (
+            not args
+            and set(kwargs) <= {"unsqueeze_dim"}
+            and kwargs.get("unsqueeze_dim", 1) == 1
+            and q.dim() == k.dim() == 4
+            and cos.dim() == 3
+            and q.shape[-1] == cos.shape[-1]
+            and q.shape[-1] % 2 == 0
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and q.stride(-1) == k.stride(-1) == cos.stride(-1) == 1
+            and cos.stride() == sin.stride()
+        )
+        if not plain:
+            return original(q, k, cos, sin, *args, **kwargs)
+        rotary = elementwise.function("rotary")
+        return rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+
+    apply_rotary_pos_emb.spotlora_original = original  # type: ignore[attr-defined]
+    return apply_rotary_pos_emb
+
+
+def _probe_rotary(fused: Callable[..., Any], original: Callable[..., Any], ref: Any) -> bool:
+    """Both functions on the same random q, k and angles, outputs and input gradients."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dim = 16
+
+    def rand(*shape: int) -> Any:
+        return torch.randn(*shape, generator=gen).to(device=ref.device, dtype=ref.dtype)
+
+    q, k = rand(2, 4, 6, dim), rand(2, 2, 6, dim)
+    angles = torch.rand(2, 6, dim // 2, generator=gen) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    cos = angles.cos().to(device=ref.device, dtype=ref.dtype)
+    sin = angles.sin().to(device=ref.device, dtype=ref.dtype)
+    grads = rand(2, 4, 6, dim), rand(2, 2, 6, dim)
+    results = []
+    for fn in (original, fused):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        outs = fn(qq, kk, cos, sin)
+        results.append((*outs, *torch.autograd.grad(outs, (qq, kk), grads)))
+    return all(_matches(got, want) for want, got in zip(*results, strict=True))
+
+
+def fuse_rotary(model: Any) -> int:
+    """Point each attention class's module at the fused apply_rotary_pos_emb, after a probe on
+    the model's device and dtype. This changes the function for every model of that
+    architecture in the process (the models call it as a module global). Returns how many
+    modules now use it."""
+    ref = next(p for p in model.parameters() if p.dtype.is_floating_point)
+    ref = ref.new_empty(0, dtype=_compute_dtype(model))
+    replaced = 0
+    for name in sorted({type(m).__module__ for m in model.modules() if _is_attention(m)}):
+        source = sys.modules[name]
+        current = getattr(source, "apply_rotary_pos_emb", None)
+        if current is None or not hasattr(source, "rotate_half"):
+            continue
+        original = getattr(current, "spotlora_original", current)
+        fused = rotary_embedding(original)
+        if not _probe(_probe_rotary, fused, original, ref):
+            log.warning("rotary_not_fused", module=name)
+            continue
+        source.apply_rotary_pos_emb = fused  # type: ignore[attr-defined]
+        replaced += 1
+    return replaced
+
+
+def _probe(check: Callable[..., bool], *args: Any) -> bool:
+    """A probe's verdict; a kernel that fails to build (no NVRTC, say) is a mismatch too."""
+    try:
+        return check(*args)
+    except RuntimeError as err:
+        log.warning("fused_kernel_failed", error=str(err).splitlines()[0] if str(err) else "")
+        return False
+
+
+def _is_attention(module: Any) -> bool:
+    return type(module).__name__.endswith("Attention") and hasattr(module, "q_proj")
+
+
+def _compute_dtype(model: Any) -> Any:
+    import torch
+
+    config = getattr(model, "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _fused_mlp(self: Any, x: Any) -> Any:
+    return self.down_proj(elementwise.function("swiglu").apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def fuse_swiglu(model: Any) -> int:
+    """Replace the forward of each known SiLU-gated MLP whose fused output and input gradient
+    match the original's on a probe; returns how many were replaced."""
+    import torch
+
+    replaced = 0
+    for module in model.modules():
+        if type(module).__name__ not in SWIGLU_MLP_CLASSES:
+            continue
+        if not isinstance(getattr(module, "act_fn", None), torch.nn.SiLU) and (
+            type(getattr(module, "act_fn", None)).__name__ != "SiLUActivation"
+        ):
+            continue
+        if replaced == 0 and not _probe(_probe_mlp, module):
+            log.warning("swiglu_not_fused", module=type(module).__name__)
+            return 0
+        module.forward = types.MethodType(_fused_mlp, module)
+        replaced += 1
+    return replaced
+
+
+def _probe_mlp(module: Any) -> bool:
+    import torch
+
+    ref = module.down_proj.weight
+    dtype = _compute_dtype(module)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(2, 3, module.gate_proj.in_features, generator=gen).to(ref.device, dtype)
+    results = []
+    with torch.autocast(ref.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for forward in (module.forward, types.MethodType(_fused_mlp, module)):
+            xx = x.clone().requires_grad_()
+            out = forward(xx)
+            (grad,) = torch.autograd.grad(out.float().square().mean(), xx)
+            results.append((out, grad))
+    return all(_matches(got, want) for want, got in zip(*results, strict=True))

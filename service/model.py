@@ -250,7 +250,8 @@ def load_for_training(path: Path, spec: JobSpec, dtype: str, device: Device) -> 
         spec.lora,
         spec.quantization,
     )
-    log.info("fused_rms_norms", replaced=kernels.fuse_rms_norms(peft_model))
+    elementwise = device.kind == "cuda" and not spec.training.torch_compile
+    log.info("fused_kernels", **kernels.fuse(peft_model, elementwise=elementwise))
     if device.kind == "cuda":
         kernels.use_triton_kernels(kernels.triton_supported(device.capability))
     if spec.training.torch_compile:

@@ -52,6 +52,105 @@ def test_triton_only_from_compute_capability_8() -> None:
     assert not kernels.triton_supported(None)
 
 
+def _loss_and_grads(model: Any, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)  # the same dropout masks in both runs
+    ids = torch.arange(48).reshape(2, 24) % 50
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(out.loss), grads
+
+
+def test_fused_rotary_and_swiglu_give_the_same_loss_and_gradients(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernels' arithmetic (here as PyTorch ops, which the CPU runs; the GPU tests run the
+    jiterator kernels): every layer's rotary embedding and MLP through them."""
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    loss, grads = _loss_and_grads(model)
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb)
+    assert kernels.fuse_rotary(model) == 1
+    assert kernels.fuse_swiglu(model) == model.config.num_hidden_layers
+    assert llama.apply_rotary_pos_emb.spotlora_original is not None
+    fused_loss, fused_grads = _loss_and_grads(model)
+    assert fused_loss == pytest.approx(loss, rel=1e-5)
+    assert fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert kernels.fuse_rotary(model) == 1  # again: wraps the original, not itself
+    assert llama.apply_rotary_pos_emb.spotlora_original.__name__ == "apply_rotary_pos_emb"
+    assert not hasattr(llama.apply_rotary_pos_emb.spotlora_original, "spotlora_original")
+
+
+def test_a_rotary_embedding_of_another_form_is_left_alone(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import AutoModelForCausalLM
+
+    def interleaved(q: Any, k: Any, cos: Any, sin: Any, unsqueeze_dim: int = 1) -> Any:
+        """GPT-J's layout: pairs (x0, x1), (x2, x3)... rotate, not halves."""
+
+        def rotate(x: Any) -> Any:
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", interleaved)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert kernels.fuse_rotary(model) == 0
+    assert llama.apply_rotary_pos_emb is interleaved
+
+
+def test_lora_update_as_one_addmm_matches_peft(tiny_model: Path) -> None:
+    """The real 4-bit base on the CPU, dropout on: the same loss and adapter gradients as
+    peft's forward; a disabled adapter still gives the base model's output."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from service.manifest.spec import LoraSpec, QuantizationSpec
+    from service.model import add_lora, disable_cpu_inference_repack
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        dtype=torch.float32,
+    )
+    disable_cpu_inference_repack(model)
+    peft_model = add_lora(model, LoraSpec(r=4, dropout=0.1), QuantizationSpec())
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; the gradients of A would all be zero
+            torch.nn.init.normal_(param, std=0.02)
+    ids = torch.arange(12).reshape(1, 12)
+
+    def logits(disabled: bool) -> torch.Tensor:
+        peft_model.eval()
+        with torch.no_grad():
+            if disabled:
+                with peft_model.disable_adapter():
+                    return peft_model(input_ids=ids).logits
+            return peft_model(input_ids=ids).logits
+
+    base, adapted = logits(True), logits(False)
+    peft_model.train()
+    loss, grads = _loss_and_grads(peft_model, seed=5)
+    layers = kernels.fuse_lora_updates(peft_model)
+    assert layers == 4 * model.config.num_hidden_layers  # q, k, v, o
+    peft_model.train()
+    fused_loss, fused_grads = _loss_and_grads(peft_model, seed=5)
+    assert fused_loss == pytest.approx(loss, rel=1e-6)
+    assert len(grads) == 2 * layers and fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert torch.equal(logits(True), base)
+    torch.testing.assert_close(logits(False), adapted)
+    assert not torch.allclose(base, adapted)
+
+
 def test_a_t4_takes_trls_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     from trl.kernels import chunked_logprob
 

@@ -43,6 +43,7 @@ LAYERS = {
     "service.history": 2,
     "service.memory": 2,
     "service.kernels": 2,
+    "service.elementwise": 2,
     "service.offload": 2,
     "service.ledger": 2,
     "service.checkpoint.interval": 2,

@@ -192,3 +192,59 @@ def test_a_job_with_offloaded_activations_trains_the_same_curve(
     assert losses[True].keys() == losses[False].keys() and len(losses[True]) == 8
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_compiled_kernels_compute_what_their_pytorch_ops_compute(
+    dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled kernels against the same arithmetic as PyTorch ops (which the CPU tests
+    hold to the models' own code), on a transposed view as the attention passes it; the
+    rotary output and its gradient keep their input's layout, so no copy follows."""
+    from service import elementwise
+
+    half = getattr(torch, dtype)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 8, 4, 32, device="cuda", dtype=half, generator=gen).transpose(1, 2)
+    angles = torch.rand(2, 8, 16, device="cuda", generator=gen) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(half), angles.sin().to(half)
+    grad = torch.randn(2, 8, 4, 32, device="cuda", dtype=half, generator=gen).transpose(1, 2)
+    gate, up, dout = (torch.randn(3, 5, 64, device="cuda", dtype=half) * 4 for _ in range(3))
+
+    def run() -> list[torch.Tensor]:
+        xx = x.detach().requires_grad_()
+        out = elementwise.function("rotary").apply(xx, cos, sin)
+        (dx,) = torch.autograd.grad(out, xx, grad)
+        assert out.stride() == x.stride() and dx.stride() == x.stride()
+        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        act = elementwise.function("swiglu").apply(g, u)
+        return [out, dx, act, *torch.autograd.grad(act, (g, u), dout)]
+
+    compiled = run()
+    monkeypatch.setitem(elementwise._KERNELS, True, elementwise.Elementwise(cuda=False))
+    for got, want in zip(compiled, run(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+
+
+def test_fused_kernels_train_the_same_curve(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The T4 job with the compiled kernels and the one-addmm LoRA update, and with the
+    models' and peft's own code: the same curve (kernels need not be bitwise repeatable)."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from service import kernels
+
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb)
+    losses = {}
+    for fused in (False, True):  # unfused first: fusing the rotary embedding is process-wide
+        with monkeypatch.context() as patch:
+            if not fused:
+                for name in ("fuse_rotary", "fuse_swiglu", "fuse_lora_updates"):
+                    patch.setattr(kernels, name, lambda model: 0)
+            job = t4_job(tiny_model, tiny_data, tmp_path / f"out-{fused}")
+            losses[fused] = run_in_process(job, tmp_path, str(fused), monkeypatch)
+    assert llama.apply_rotary_pos_emb.spotlora_original is not None
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=2e-3), step

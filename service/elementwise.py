@@ -1,0 +1,208 @@
+"""The fused kernels' arithmetic and autograd functions: rotary embeddings and SwiGLU.
+
+On CUDA, kernels compiled at first use through NVRTC, which builds for the GPU at hand (a T4
+included; no Triton); on the CPU the same arithmetic as PyTorch ops, which the tests hold to
+the models' own code. service.kernels decides where they are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Llama-style RoPE rotates each head's two halves: out1 = x1*c1 - x2*s1, out2 = x2*c2 + x1*s2,
+# and its gradient is the transpose: dx1 = g1*c1 + g2*s2, dx2 = g2*c2 - g1*s1. One thread per
+# pair (x1, x2), so each element is read once: an elementwise (jiterator) kernel reaches the
+# partner half only through extra broadcast operands, and ran at a quarter of this speed. The
+# storage type comes in as T, with load/store to and from float, so no CUDA header is needed.
+ROPE_SOURCE = """
+__device__ __forceinline__ float load(T v) { LOAD }
+__device__ __forceinline__ T store(float f) { STORE }
+
+extern "C" __global__ void spotlora_rope(
+    const T* __restrict__ x, const T* __restrict__ cos, const T* __restrict__ sin,
+    T* __restrict__ out, int batch, int heads, int length, int half,
+    int xb, int xh, int xl, int ob, int oh, int ol, int cb, int cl, int backward) {
+  long long total = (long long)batch * heads * length * half;
+  for (long long n = (long long)blockIdx.x * blockDim.x + threadIdx.x; n < total;
+       n += (long long)gridDim.x * blockDim.x) {
+    long long t = n / half;
+    int d = (int)(n - t * half);
+    int h = (int)(t % heads);
+    t /= heads;
+    int l = (int)(t % length);
+    long long b = t / length;
+    long long xi = b * xb + (long long)h * xh + (long long)l * xl + d;
+    long long ci = b * cb + (long long)l * cl + d;
+    long long oi = b * ob + (long long)h * oh + (long long)l * ol + d;
+    float x1 = load(x[xi]), x2 = load(x[xi + half]);
+    float c1 = load(cos[ci]), c2 = load(cos[ci + half]);
+    float s1 = load(sin[ci]), s2 = load(sin[ci + half]);
+    float sa = backward ? -s2 : s1, sb = backward ? -s1 : s2;
+    out[oi] = store(x1 * c1 - x2 * sa);
+    out[oi + half] = store(x2 * c2 + x1 * sb);
+  }
+}
+"""
+ROPE_TYPES = {  # storage type; float from it; it from float, rounding to nearest even
+    "float16": (
+        "unsigned short",
+        'float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;',
+        'T v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v;',
+    ),
+    "bfloat16": (
+        "unsigned short",
+        "return __uint_as_float(((unsigned int)v) << 16);",
+        "unsigned int u = __float_as_uint(f);"
+        " if ((u & 0x7fffffffu) > 0x7f800000u) return (T)((u >> 16) | 0x40u);"
+        " u += 0x7fffu + ((u >> 16) & 1u); return (T)(u >> 16);",
+    ),
+    "float32": ("float", "return v;", "return f;"),
+}
+ROPE_BLOCK = 256
+# silu(gate) * up and its gradient: plain elementwise, so jiterator's vectorized kernels.
+SWIGLU_CODE = """
+template <typename T> T spotlora_swiglu(T gate, T up) {
+  float g = static_cast<float>(gate);
+  return static_cast<T>(g / (1.0f + expf(-g)) * static_cast<float>(up));
+}
+"""
+SWIGLU_GRAD_CODE = """
+template <typename T> void spotlora_swiglu_grad(T grad, T gate, T up, T& dgate, T& dup) {
+  float g = static_cast<float>(gate);
+  float d = static_cast<float>(grad);
+  float sig = 1.0f / (1.0f + expf(-g));
+  dup = static_cast<T>(d * g * sig);
+  dgate = static_cast<T>(d * static_cast<float>(up) * sig * (1.0f + g * (1.0f - sig)));
+}
+"""
+
+
+class Elementwise:
+    """The kernels, compiled at first use through NVRTC (which builds for the GPU at hand, a
+    T4 included) on CUDA; on the CPU the same arithmetic as PyTorch ops, which the tests hold
+    to the models' own code."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self._rope: dict[Any, Any] = {}
+        if cuda:
+            from torch.cuda import jiterator
+
+            self.swiglu = jiterator._create_jit_fn(SWIGLU_CODE)
+            self.swiglu_grad = jiterator._create_multi_output_jit_fn(SWIGLU_GRAD_CODE, 2)
+        else:
+            self.swiglu, self.swiglu_grad = _swiglu_ops, _swiglu_grad_ops
+
+    def rope(self, x: Any, cos: Any, sin: Any, out: Any, backward: bool) -> Any:
+        """x (batch, heads, length, dim) rotated by cos and sin (batch, length, dim), into
+        `out` (x's shape, any strides); backward: by the transpose."""
+        if not self.cuda:
+            return out.copy_(_rope_ops(x, cos, sin, backward))
+        import torch
+
+        if x.dtype not in self._rope:
+            storage, load, store = ROPE_TYPES[str(x.dtype).removeprefix("torch.")]
+            source = ROPE_SOURCE.replace("LOAD", load).replace("STORE", store)
+            self._rope[x.dtype] = torch.cuda._compile_kernel(
+                f"typedef {storage} T;\n{source}", "spotlora_rope"
+            )
+        batch, heads, length, dim = x.shape
+        total = batch * heads * length * (dim // 2)
+        self._rope[x.dtype](
+            grid=(min((total + ROPE_BLOCK - 1) // ROPE_BLOCK, 2**30), 1, 1),
+            block=(ROPE_BLOCK, 1, 1),
+            args=[
+                *(x, cos, sin, out, batch, heads, length, dim // 2),
+                *x.stride()[:3],
+                *out.stride()[:3],
+                *(cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), int(backward)),
+            ],
+        )
+        return out
+
+
+def _rope_ops(x: Any, cos: Any, sin: Any, backward: bool) -> Any:
+    import torch
+
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    c, s = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
+    c1, c2, s1, s2 = c[..., :half], c[..., half:], s[..., :half], s[..., half:]
+    sa, sb = (-s2, -s1) if backward else (s1, s2)
+    return torch.cat((x1 * c1 - x2 * sa, x2 * c2 + x1 * sb), dim=-1).to(x.dtype)
+
+
+def _swiglu_ops(gate: Any, up: Any) -> Any:
+    import torch
+
+    g = gate.float()
+    return (g * torch.sigmoid(g) * up.float()).to(gate.dtype)
+
+
+def _swiglu_grad_ops(grad: Any, gate: Any, up: Any) -> tuple[Any, Any]:
+    import torch
+
+    g, d = gate.float(), grad.float()
+    sig = torch.sigmoid(g)
+    dgate = d * up.float() * sig * (1 + g * (1 - sig))
+    return dgate.to(gate.dtype), (d * g * sig).to(up.dtype)
+
+
+_KERNELS: dict[bool, Elementwise] = {}
+
+
+def elementwise(cuda: bool) -> Elementwise:
+    if cuda not in _KERNELS:
+        _KERNELS[cuda] = Elementwise(cuda)
+    return _KERNELS[cuda]
+
+
+def rotary_function() -> Any:
+    import torch
+
+    class Rotary(torch.autograd.Function):
+        """cos and sin (batch, length, dim), shared by the heads."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, cos: Any, sin: Any) -> Any:
+            ctx.save_for_backward(cos, sin)
+            ctx.layout = x.stride()
+            out = torch.empty_like(x)
+            return elementwise(x.is_cuda).rope(x, cos, sin, out, backward=False)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            cos, sin = ctx.saved_tensors
+            grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+            # In the input's layout, so that the head split before it needs no copy.
+            out = grad.new_empty_strided(grad.shape, ctx.layout)
+            return elementwise(grad.is_cuda).rope(grad, cos, sin, out, backward=True), None, None
+
+    return Rotary
+
+
+def swiglu_function() -> Any:
+    import torch
+
+    class SwiGLU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, gate: Any, up: Any) -> Any:
+            ctx.save_for_backward(gate, up)
+            return elementwise(gate.is_cuda).swiglu(gate, up)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            gate, up = ctx.saved_tensors
+            return tuple(elementwise(grad.is_cuda).swiglu_grad(grad, gate, up))
+
+    return SwiGLU
+
+
+_FUNCTIONS: dict[str, Any] = {}
+
+
+def function(name: str) -> Any:
+    """The autograd function 'rotary' (x, cos, sin) or 'swiglu' (gate, up), made once."""
+    if name not in _FUNCTIONS:
+        _FUNCTIONS[name] = {"rotary": rotary_function, "swiglu": swiglu_function}[name]()
+    return _FUNCTIONS[name]
