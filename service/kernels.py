@@ -232,11 +232,13 @@ def fuse_rotary(model: Any) -> int:
 
 
 def _probe(check: Callable[..., bool], *args: Any) -> bool:
-    """A probe's verdict; a kernel that fails to build (no NVRTC, say) is a mismatch too."""
+    """A probe's verdict. A kernel that cannot be built here (no NVRTC, a torch without
+    torch.cuda._compile_kernel, which came in 2.8) counts as a mismatch: the job runs on the
+    models' own code instead of failing."""
     try:
         return check(*args)
-    except RuntimeError as err:
-        log.warning("fused_kernel_failed", error=str(err).splitlines()[0] if str(err) else "")
+    except Exception as err:
+        log.warning("fused_kernel_failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
         return False
 
 

@@ -86,6 +86,27 @@ def test_fused_rotary_and_swiglu_give_the_same_loss_and_gradients(
     assert not hasattr(llama.apply_rotary_pos_emb.spotlora_original, "spotlora_original")
 
 
+def test_a_kernel_that_cannot_be_built_leaves_the_models_code(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a torch older than 2.8, which has no torch.cuda._compile_kernel."""
+    import transformers.models.llama.modeling_llama as llama
+    from transformers import AutoModelForCausalLM
+
+    from service import elementwise
+
+    def missing(*args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("module 'torch.cuda' has no attribute '_compile_kernel'")
+
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(elementwise.Elementwise, "rope", missing)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    original = llama.apply_rotary_pos_emb
+    assert kernels.fuse_rotary(model) == 0
+    assert llama.apply_rotary_pos_emb is original
+    _loss_and_grads(model)
+
+
 def test_a_rotary_embedding_of_another_form_is_left_alone(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
