@@ -133,14 +133,13 @@ def _lora_update(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     ):
         return type(self).forward(self, x)
     down = lora_a(self.lora_dropout[name](x))
-    # In place: the base output is the 4-bit matmul's own new tensor, which its backward does
-    # not keep. addmm_ is not autocast, so the (fp32) B weight is cast here.
     flat = result.reshape(-1, result.shape[-1])
-    flat.addmm_(
-        down.reshape(-1, down.shape[-1]).to(flat.dtype),
-        lora_b.weight.t().to(flat.dtype),
-        alpha=self.scaling[name],
-    )
+    # Cast here: addmm_ is not autocast, and the B weight is fp32.
+    factors = (down.reshape(-1, down.shape[-1]).to(flat.dtype), lora_b.weight.t().to(flat.dtype))
+    if result._is_view():  # with a bias, bitsandbytes returns a view autograd must not change
+        return torch.addmm(flat, *factors, alpha=self.scaling[name]).view(result.shape)
+    # In place: the 4-bit matmul's output is its own new tensor, which its backward does not keep.
+    flat.addmm_(*factors, alpha=self.scaling[name])
     return flat.view(result.shape)
 
 

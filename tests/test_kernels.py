@@ -128,10 +128,20 @@ def test_a_rotary_embedding_of_another_form_is_left_alone(
     assert llama.apply_rotary_pos_emb is interleaved
 
 
-def test_lora_update_as_one_addmm_matches_peft(tiny_model: Path) -> None:
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "biased-attention"])
+def test_lora_update_as_one_addmm_matches_peft(
+    tiny_model: Path, tmp_path: Path, bias: bool
+) -> None:
     """The real 4-bit base on the CPU, dropout on: the same loss and adapter gradients as
-    peft's forward; a disabled adapter still gives the base model's output."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    peft's forward; a disabled adapter still gives the base model's output. With biases on
+    the projections (as Qwen2's q/k/v), bitsandbytes returns a view, updated out of place."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bias:
+        config = AutoConfig.from_pretrained(tiny_model)
+        config.attention_bias = True
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "biased")
+        tiny_model = tmp_path / "biased"
 
     from service.manifest.spec import LoraSpec, QuantizationSpec
     from service.model import add_lora, disable_cpu_inference_repack
