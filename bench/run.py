@@ -115,8 +115,12 @@ def main() -> None:
     print("prepare", json.dumps(info), flush=True)
     results = []
     for i, spec in enumerate(variants):
-        out = opts.out / f"{i:02d}-{spec.replace(':', '-').replace(',', '_')}.json"
-        cmd = variant_command(spec, opts, out, info["bf16_matmul_tflops"])
+        out = (
+            opts.out / f"{i:02d}-{spec.replace(':', '-').replace(',', '_').replace('+', '_')}.json"
+        )
+        # useful MFU over the rate of the dtype the variants compute in
+        rate = info["fp16_matmul_tflops"] if opts.t4 else info["bf16_matmul_tflops"]
+        cmd = variant_command(spec, opts, out, rate)
         try:
             code = subprocess.run(cmd, timeout=opts.timeout).returncode
         except subprocess.TimeoutExpired:
