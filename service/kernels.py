@@ -55,11 +55,12 @@ def use_triton_kernels(enabled: bool) -> None:
         log.info("triton_kernels_off", reason="GPU below compute capability 8.0")
 
 
-def fuse(model: Any, *, elementwise: bool) -> dict[str, int]:
-    """Every replacement this model takes; `elementwise`: also the jiterator kernels (CUDA,
-    and not under torch.compile, which fuses these itself). Returns counts by kind."""
+def fuse(model: Any, *, cuda_kernels: bool) -> dict[str, int]:
+    """Every replacement this model takes; `cuda_kernels`: also the compiled rotary and SwiGLU
+    kernels (on CUDA, and not under torch.compile, which fuses these itself). Returns counts
+    by kind."""
     counts = {"rms_norms": fuse_rms_norms(model), "lora_layers": fuse_lora_updates(model)}
-    if elementwise:
+    if cuda_kernels:
         counts["rotary"] = fuse_rotary(model)
         counts["swiglu"] = fuse_swiglu(model)
     return counts
@@ -236,7 +237,7 @@ def _probe(check: Callable[..., bool], *args: Any) -> bool:
     models' own code instead of failing."""
     try:
         return check(*args)
-    except Exception as err:
+    except Exception as err:  # whatever the cause, the models' own code stays
         log.warning("fused_kernel_failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
         return False
 

@@ -250,8 +250,8 @@ def load_for_training(path: Path, spec: JobSpec, dtype: str, device: Device) -> 
         spec.lora,
         spec.quantization,
     )
-    elementwise = device.kind == "cuda" and not spec.training.torch_compile
-    log.info("fused_kernels", **kernels.fuse(peft_model, elementwise=elementwise))
+    cuda_kernels = device.kind == "cuda" and not spec.training.torch_compile
+    log.info("fused_kernels", **kernels.fuse(peft_model, cuda_kernels=cuda_kernels))
     if device.kind == "cuda":
         kernels.use_triton_kernels(kernels.triton_supported(device.capability))
     if spec.training.torch_compile:
