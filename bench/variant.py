@@ -293,9 +293,16 @@ def main() -> None:
 
         chunked_logprob._TRITON_AVAILABLE = True
         kernels.use_triton_kernels = lambda enabled: None  # the loader must not turn it off
+    levers = {
+        "norms": "fuse_rms_norms",
+        "rotary": "fuse_rotary",
+        "swiglu": "fuse_swiglu",
+        "lora": "fuse_lora_updates",
+    }
     for lever in filter(None, opts.without.split(",")):
-        name = {"norms": "fuse_rms_norms", "rotary": "fuse_rotary", "swiglu": "fuse_swiglu"}
-        setattr(kernels, name.get(lever, f"fuse_{lever}_updates"), lambda model: 0)
+        if lever not in levers:
+            parser.error(f"--without: {lever!r} is none of {', '.join(levers)}")
+        setattr(kernels, levers[lever], lambda model: 0)
     dtype = "fp16" if opts.t4 else "bf16"
     params = param_count(opts.preset)
     result: dict[str, Any] = {

@@ -124,15 +124,16 @@ def _lora_update(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         and not self.merged
         and name not in getattr(self, "lora_variant", {})
         and self.lora_B[name].bias is None
+        # Without autocast, peft casts between dtypes; the 4-bit layer returns x's dtype.
+        and (
+            torch.is_autocast_enabled(x.device.type)
+            or x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype
+        )
     )
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
     result = self.base_layer(x)
-    if not torch.is_autocast_enabled(x.device.type) and not (
-        x.dtype == result.dtype == lora_a.weight.dtype == lora_b.weight.dtype
-    ):
-        return type(self).forward(self, x)
     down = lora_a(self.lora_dropout[name](x))
     flat = result.reshape(-1, result.shape[-1])
     # Cast here: addmm_ is not autocast, and the B weight is fp32.

@@ -11,22 +11,27 @@ import torch
 from service import kernels
 
 
+def _loss_and_grads(model: Any, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)  # the same dropout masks in both runs
+    ids = torch.arange(48).reshape(2, 24) % 50
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(out.loss), grads
+
+
 def test_fused_rms_norm_gives_the_same_loss_and_gradients(tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    def loss_and_grads(fuse: bool) -> tuple[float, list[torch.Tensor]]:
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-        if fuse:
-            assert kernels.fuse_rms_norms(model) == model.config.num_hidden_layers * 2 + 1
-        ids = torch.arange(24).reshape(2, 12) % 50
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        return float(out.loss), [p.grad for p in model.parameters() if p.grad is not None]
-
-    (loss, grads), (fused_loss, fused_grads) = loss_and_grads(False), loss_and_grads(True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    loss, grads = _loss_and_grads(model)
+    assert kernels.fuse_rms_norms(model) == model.config.num_hidden_layers * 2 + 1
+    fused_loss, fused_grads = _loss_and_grads(model)
     assert fused_loss == loss
-    for a, b in zip(grads, fused_grads, strict=True):
-        torch.testing.assert_close(a, b)
+    assert fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, msg=name)
 
 
 class LlamaRMSNorm(torch.nn.Module):
@@ -50,16 +55,6 @@ def test_triton_only_from_compute_capability_8() -> None:
     assert not kernels.triton_supported((7, 5))  # T4
     assert kernels.triton_supported((8, 0)) and kernels.triton_supported((9, 0))
     assert not kernels.triton_supported(None)
-
-
-def _loss_and_grads(model: Any, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
-    torch.manual_seed(seed)  # the same dropout masks in both runs
-    ids = torch.arange(48).reshape(2, 24) % 50
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return float(out.loss), grads
 
 
 def test_fused_rotary_and_swiglu_give_the_same_loss_and_gradients(

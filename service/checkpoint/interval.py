@@ -91,7 +91,7 @@ class CheckpointSchedule:
         self.every_steps = every_steps
         self.auto = AutoInterval() if every_seconds == "auto" else None
         self.every_seconds = None if every_seconds == "auto" else every_seconds
-        self._started = self._last_save = time.monotonic()
+        self.start()
 
     def start(self) -> None:
         self._started = self._last_save = time.monotonic()
