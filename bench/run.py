@@ -3,8 +3,8 @@
 Builds (once) a random-init model directory of the preset's shape, measures the bf16 and
 fp16 matmul rates, runs each variant in its own process and prints one table. Variants:
 seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp32[:B..],
-spotlora-compile[:B..], spotlora-without-LEVER[+LEVER..][:B..] (norms, rotary, swiglu, lora: the
-fused kernels of service.kernels left out)
+spotlora-compile[:B..], spotlora-without-LEVER[+LEVER..][:B..] (norms, rotary, swiglu, lora,
+attention, loss: the fused kernels of service.kernels left out)
 (B: micro-batch sizes, swept in one process; default 'auto', the product's default).
 """
 

@@ -262,7 +262,8 @@ def main() -> None:
         "--without",
         default="",
         help="comma-separated fused kernels to leave out (service.kernels): "
-        "norms, rotary, swiglu, lora (the models' and peft's own code instead)",
+        "norms, rotary, swiglu, lora, attention, loss (the models', peft's and trl's own "
+        "code instead)",
     )
     parser.add_argument(
         "--offload-activations",
@@ -298,6 +299,8 @@ def main() -> None:
         "rotary": "fuse_rotary",
         "swiglu": "fuse_swiglu",
         "lora": "fuse_lora_updates",
+        "attention": "fuse_grouped_attention",
+        "loss": "fuse_lm_head_loss",
     }
     for lever in filter(None, opts.without.split(",")):
         if lever not in levers:

@@ -14,6 +14,9 @@ What runs on every GPU, a T4 included, with no Triton:
   kernels and their intermediate tensors. CUDA only; the CPU keeps the models' own code.
 - The LoRA update of a 4-bit layer as one addmm into the base layer's output (the scaling in
   the GEMM's epilogue) instead of peft's copy of that output, a scale and an add.
+- Grouped-query attention without copies of the key/value heads (service.attention), and
+  trl's LM-head loss folded by two compiled kernels where Triton cannot run
+  (service.logprob).
 Each replacement is checked on a probe against the code it replaces, forward and backward;
 what does not match is left alone.
 """
@@ -27,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from service import elementwise
+from service import attention, elementwise, logprob
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +40,8 @@ TRITON_MIN_CAPABILITY = (8, 0)
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
 # MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x)); fused only where act_fn is SiLU.
 SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+# Projections whose output goes only into the residual stream (the MLP's last).
+LAST_PROJECTIONS = ("down_proj",)
 PROBE_TOLERANCE = 1e-2  # relative and absolute
 
 
@@ -63,6 +68,8 @@ def fuse(model: Any, *, cuda_kernels: bool) -> dict[str, int]:
     if cuda_kernels:
         counts["rotary"] = fuse_rotary(model)
         counts["swiglu"] = fuse_swiglu(model)
+        counts["grouped_attention"] = fuse_grouped_attention(model)
+        counts["lm_head_loss"] = fuse_lm_head_loss(model)
     return counts
 
 
@@ -133,6 +140,15 @@ def _lora_update(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+    if getattr(self, "spotlora_update_first", False):
+        down = lora_a(self.lora_dropout[name](x))
+        # The 4-bit layer returns x's dtype; the B weight is fp32 (mm is autocast, but x is
+        # not always under autocast).
+        update = torch.mm(
+            down.reshape(-1, down.shape[-1]).to(x.dtype), lora_b.weight.t().to(x.dtype)
+        )
+        result = self.base_layer(x)
+        return result.add(update.view(result.shape), alpha=self.scaling[name])
     result = self.base_layer(x)
     down = lora_a(self.lora_dropout[name](x))
     flat = result.reshape(-1, result.shape[-1])
@@ -146,15 +162,23 @@ def _lora_update(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def fuse_lora_updates(model: Any) -> int:
-    """Each peft LoRA layer over a bitsandbytes 4-bit layer computes its update as one addmm."""
+    """Each peft LoRA layer over a bitsandbytes 4-bit layer computes its update as one addmm;
+    a layer whose output only joins the residual stream (LAST_PROJECTIONS) computes it
+    before the 4-bit matmul instead. Activation checkpointing (non-reentrant) stops each
+    layer's recomputation at the last tensor the layer keeps for its backward: the update's
+    input, then, so the 4-bit matmul, whose output the next layer's checkpoint already
+    holds, is not recomputed (a seventh of a Llama layer's matmuls with adapters on every
+    projection)."""
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:
         return 0
     replaced = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, Linear4bit):
             module.forward = types.MethodType(_lora_update, module)  # type: ignore[method-assign]
+            last = name.rsplit(".", 1)[-1] in LAST_PROJECTIONS
+            module.spotlora_update_first = last  # type: ignore[assignment]
             replaced += 1
     return replaced
 
@@ -164,8 +188,11 @@ def rotary_embedding(original: Callable[..., Any]) -> Callable[..., Any]:
     fused kernel; any other call goes to `original`."""
 
     def apply_rotary_pos_emb(q: Any, k: Any, cos: Any, sin: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
         plain = (
             not args
+            and not torch.compiler.is_compiling()  # process-wide: Inductor's graphs keep theirs
             and set(kwargs) <= {"unsqueeze_dim"}
             and kwargs.get("unsqueeze_dim", 1) == 1
             and q.dim() == k.dim() == 4
@@ -232,6 +259,13 @@ def fuse_rotary(model: Any) -> int:
     return replaced
 
 
+def _agree(run: Callable[..., list[list[Any]]], *args: Any) -> bool:
+    """Whether the two result lists of a probe `run` (the original code's, the fused one's)
+    match, one by one."""
+    want, got = run(*args)
+    return all(_matches(g, w) for w, g in zip(want, got, strict=True))
+
+
 def _probe(check: Callable[..., bool], *args: Any) -> bool:
     """A probe's verdict. A kernel that cannot be built here (no NVRTC, a torch without
     torch.cuda._compile_kernel, which came in 2.8) counts as a mismatch: the job runs on the
@@ -295,3 +329,64 @@ def _probe_mlp(module: Any) -> bool:
             (grad,) = torch.autograd.grad(out.float().square().mean(), xx)
             results.append((out, grad))
     return all(_matches(got, want) for want, got in zip(*results, strict=True))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def fuse_grouped_attention(model: Any) -> int:
+    """transformers' "sdpa" attention through grouped_query_attention, after a probe on the
+    model's device and dtype; process-wide, as the models look it up at each call. Returns
+    how many attention modules of this model have grouped-query heads (0 if not sdpa)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = getattr(model, "config", None)
+    grouped = sum(
+        1 for m in model.modules() if _is_attention(m) and getattr(m, "num_key_value_groups", 1) > 1
+    )
+    if not grouped or getattr(config, "_attn_implementation", None) != "sdpa":
+        return 0
+    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    original = getattr(current, "spotlora_original", current)
+    fused = attention.grouped_query_attention(original)
+    ref = next(p for p in model.parameters() if p.dtype.is_floating_point)
+    if not _probe(
+        _agree, attention.probe, fused, original, ref.new_empty(0, dtype=_compute_dtype(model))
+    ):
+        log.warning("grouped_attention_not_fused")
+        return 0
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = fused
+    return grouped
+
+
+# --------------------------------------------------------------------------- LM-head loss
+
+
+def fuse_lm_head_loss(model: Any = None) -> int:
+    """trl's PyTorch fold of its chunked LM-head loss (the path of a GPU without Triton)
+    through service.logprob's kernels, after a probe; process-wide. 1 if done."""
+    import torch
+
+    try:
+        from trl.kernels import chunked_logprob
+    except ImportError:
+        return 0
+    if not torch.cuda.is_available():
+        return 0
+    folds = []
+    for name, names, make in (
+        ("_forward_tile", logprob.FORWARD_PARAMETERS, logprob.fold_forward),
+        ("_backward_tile", logprob.BACKWARD_PARAMETERS, logprob.fold_backward),
+    ):
+        current = getattr(chunked_logprob, name, None)
+        original = getattr(current, "spotlora_original", current)
+        if original is None or not logprob.matches_trl(original, names):
+            log.warning("lm_head_loss_not_fused", reason=f"trl's {name} is not the one known")
+            return 0
+        folds.append((name, original, make(original)))
+    if not _probe(_agree, logprob.probe, folds):
+        log.warning("lm_head_loss_not_fused", reason="probe")
+        return 0
+    for name, _, fold in folds:
+        setattr(chunked_logprob, name, fold)
+    return 1

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from service import kernels
+from service import attention, kernels
 
 
 def _loss_and_grads(model: Any, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
@@ -175,6 +175,149 @@ def test_lora_update_as_one_addmm_matches_peft(
     assert torch.equal(logits(True), base)
     torch.testing.assert_close(logits(False), adapted)
     assert not torch.allclose(base, adapted)
+
+
+def _quantized_lora(tiny_model: Path, targets: list[str], dropout: float = 0.1) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from service.manifest.spec import LoraSpec, QuantizationSpec
+    from service.model import add_lora, disable_cpu_inference_repack
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+        dtype=torch.float32,
+    )
+    disable_cpu_inference_repack(model)
+    peft_model = add_lora(
+        model, LoraSpec(r=4, dropout=dropout, target_modules=targets), QuantizationSpec()
+    )
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; the gradients of A would all be zero
+            torch.nn.init.normal_(param, std=0.02)
+    return peft_model
+
+
+def test_checkpointing_does_not_recompute_the_last_projections_4bit_matmul(
+    tiny_model: Path,
+) -> None:
+    """Adapters on every projection, non-reentrant checkpointing (as the trainer sets it):
+    the backward recomputes each layer up to the down projection's adapter, not the 4-bit
+    matmul after it; loss and gradients stay peft's."""
+    import bitsandbytes as bnb
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = _quantized_lora(tiny_model, targets)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            projection = name.split(".")[-2]  # ...mlp.down_proj.base_layer
+
+            def count(*_: Any, projection: str = projection) -> None:
+                calls[projection] = calls.get(projection, 0) + 1
+
+            module.register_forward_hook(count)
+
+    def run() -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
+        loss, grads = _loss_and_grads(model, seed=5)
+        counted = dict(calls)
+        calls.clear()
+        return loss, grads, counted
+
+    loss, grads, peft_calls = run()
+    layers = model.config.num_hidden_layers
+    assert peft_calls["down_proj"] == peft_calls["gate_proj"] == 2 * layers  # recomputed
+    assert kernels.fuse_lora_updates(model) == 7 * layers
+    fused_loss, fused_grads, fused_calls = run()
+    assert fused_calls["gate_proj"] == 2 * layers
+    assert fused_calls["down_proj"] == layers  # the forward's only
+    assert fused_loss == pytest.approx(loss, rel=1e-6)
+    assert fused_grads.keys() == grads.keys() and len(grads) == 2 * 7 * layers
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _packed_loss_and_grads(model: Any) -> tuple[float, dict[str, torch.Tensor]]:
+    """Two rows, each two sequences packed (positions restart) and the second row padded."""
+    ids = torch.arange(48).reshape(2, 24) % 50 + 3
+    positions = torch.cat((torch.arange(10), torch.arange(14))).expand(2, 24)
+    attention = torch.ones(2, 24, dtype=torch.long)
+    attention[1, 20:] = 0
+    out = model(input_ids=ids, labels=ids, attention_mask=attention, position_ids=positions)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(out.loss), grads
+
+
+def test_grouped_query_attention_without_repeated_heads_matches(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny Llama has two query heads per key/value head. Under a mask (padding, packed
+    sequences) the fused attention gives the same loss and gradients, through its own path."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert model.config._attn_implementation == "sdpa"
+    loss, grads = _packed_loss_and_grads(model)
+    repeated = []
+    repeat_rows = attention._repeat_rows
+    monkeypatch.setattr(
+        attention,
+        "_repeat_rows",
+        lambda mask, groups: repeated.append(groups) or repeat_rows(mask, groups),
+    )
+    assert kernels.fuse_grouped_attention(model) == model.config.num_hidden_layers
+    repeated.clear()  # the probe's
+    fused_loss, fused_grads = _packed_loss_and_grads(model)
+    assert repeated == [2] * model.config.num_hidden_layers
+    assert fused_loss == pytest.approx(loss, rel=1e-5)
+    assert fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert kernels.fuse_grouped_attention(model) == model.config.num_hidden_layers  # again
+    assert not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"].spotlora_original, "spotlora_original")
+    # Process-wide, it must leave a torch.compile'd model (training.torch_compile) its own
+    # attention: while Inductor traces, it hands every call to the original.
+    repeated.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _packed_loss_and_grads(model)[0] == pytest.approx(loss, rel=1e-5)
+    assert repeated == []
+
+
+def test_trls_tile_functions_are_the_ones_the_loss_kernels_replace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The installed trl's PyTorch folds take the parameters the kernels were written for;
+    wrapped, a CPU tile still goes through them, called as trl calls them."""
+    from trl.kernels import chunked_logprob
+
+    from service import logprob
+
+    forward, backward = chunked_logprob._forward_tile, chunked_logprob._backward_tile
+    assert logprob.matches_trl(forward, logprob.FORWARD_PARAMETERS)
+    assert logprob.matches_trl(backward, logprob.BACKWARD_PARAMETERS)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(40, 16, generator=gen)
+    targets = torch.tensor([0, 5, 17, 39, 20, 21, 3])
+
+    def run() -> list[torch.Tensor]:
+        args = (hidden, weight, None, targets, 1.0, 16, None, 1.0, ("entropy", "is_top1"))
+        logprobs, entropy, _, _, top1 = chunked_logprob.ChunkedLogProbFunction.apply(*args)
+        (grad,) = torch.autograd.grad(logprobs.sum(), hidden)
+        return [logprobs, entropy, top1, grad]
+
+    expected = run()
+    monkeypatch.setattr(chunked_logprob, "_forward_tile", logprob.fold_forward(forward))
+    monkeypatch.setattr(chunked_logprob, "_backward_tile", logprob.fold_backward(backward))
+    for got, want in zip(run(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert kernels.fuse_lm_head_loss() == 0  # no CUDA here
 
 
 def test_a_t4_takes_trls_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:

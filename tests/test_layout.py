@@ -44,6 +44,8 @@ LAYERS = {
     "service.memory": 2,
     "service.kernels": 2,
     "service.elementwise": 2,
+    "service.logprob": 2,
+    "service.attention": 2,
     "service.offload": 2,
     "service.ledger": 2,
     "service.checkpoint.interval": 2,

@@ -200,7 +200,8 @@ def test_compiled_kernels_compute_what_their_pytorch_ops_compute(
 ) -> None:
     """The compiled kernels against the same arithmetic as PyTorch ops (which the CPU tests
     hold to the models' own code), on a transposed view as the attention passes it; the
-    rotary output and its gradient keep their input's layout, so no copy follows."""
+    rotary output is contiguous (for the grouped-query attention's view) and its gradient
+    keeps the input's layout, so no copy follows."""
     from service import elementwise
 
     half = getattr(torch, dtype)
@@ -216,7 +217,7 @@ def test_compiled_kernels_compute_what_their_pytorch_ops_compute(
         xx = x.detach().requires_grad_()
         out = elementwise.function("rotary").apply(xx, cos, sin)
         (dx,) = torch.autograd.grad(out, xx, grad)
-        assert out.stride() == x.stride() and dx.stride() == x.stride()
+        assert out.is_contiguous() and dx.stride() == x.stride()
         g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
         act = elementwise.function("swiglu").apply(g, u)
         return [out, dx, act, *torch.autograd.grad(act, (g, u), dout)]
@@ -230,21 +231,109 @@ def test_compiled_kernels_compute_what_their_pytorch_ops_compute(
 def test_fused_kernels_train_the_same_curve(
     tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The T4 job with the compiled kernels and the one-addmm LoRA update, and with the
-    models' and peft's own code: the same curve (kernels need not be bitwise repeatable)."""
+    """The T4 job (trl's LM-head loss on its path without Triton) with the compiled kernels,
+    the one-addmm LoRA update and the grouped-query attention, and with the models', peft's
+    and trl's own code: the same curve (kernels need not be bitwise repeatable)."""
     import transformers.models.llama.modeling_llama as llama
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from trl.kernels import chunked_logprob
 
     from service import kernels
 
+    # What fusing changes process-wide, restored after the test.
     monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    for name in ("_forward_tile", "_backward_tile", "_TRITON_AVAILABLE"):
+        monkeypatch.setattr(chunked_logprob, name, getattr(chunked_logprob, name))
+    monkeypatch.setattr(kernels, "triton_supported", lambda capability: False)
+    levers = ("fuse_rotary", "fuse_swiglu", "fuse_lora_updates", "fuse_grouped_attention")
     losses = {}
-    for fused in (False, True):  # unfused first: fusing the rotary embedding is process-wide
+    for fused in (False, True):  # unfused first: fusing is process-wide
         with monkeypatch.context() as patch:
             if not fused:
-                for name in ("fuse_rotary", "fuse_swiglu", "fuse_lora_updates"):
+                for name in (*levers, "fuse_lm_head_loss"):
                     patch.setattr(kernels, name, lambda model: 0)
             job = t4_job(tiny_model, tiny_data, tmp_path / f"out-{fused}")
             losses[fused] = run_in_process(job, tmp_path, str(fused), monkeypatch)
     assert llama.apply_rotary_pos_emb.spotlora_original is not None
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"].spotlora_original is not None
+    assert chunked_logprob._forward_tile.spotlora_original is not None
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
+
+
+def test_lm_head_loss_kernels_compute_what_trls_pytorch_folds_compute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """trl's chunked log-probabilities without Triton, through its PyTorch folds and through
+    the kernels: two token blocks, a vocabulary in two tiles, entropy and top-1, fp16."""
+    from trl.kernels import chunked_logprob
+
+    from service import kernels, logprob
+
+    monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", False)
+    for name in ("_forward_tile", "_backward_tile"):
+        monkeypatch.setattr(chunked_logprob, name, getattr(chunked_logprob, name))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(5000, 256, device="cuda", dtype=torch.float16, generator=gen)
+    weight = torch.randn(40000, 256, device="cuda", dtype=torch.float16, generator=gen) * 0.2
+    targets = torch.randint(0, 40000, (5000,), device="cuda", generator=gen)
+    targets[:100] = weight[:, :8].float().sum(-1).argmax()  # some targets are the top-1
+
+    def run() -> list[torch.Tensor]:
+        h = hidden.detach().requires_grad_()
+        args = (h, weight, None, targets, 1.0, 32768, None, 1.0, ("entropy", "is_top1"))
+        logprobs, entropy, _, _, top1 = chunked_logprob.ChunkedLogProbFunction.apply(*args)
+        (grad,) = torch.autograd.grad(logprobs.sum(), h)
+        return [logprobs, entropy, top1.float(), grad]
+
+    expected = run()
+    assert kernels.fuse_lm_head_loss() == 1
+    launched = []
+    compiled = logprob.compiled
+    monkeypatch.setattr(
+        logprob, "compiled", lambda *args: launched.append(args[1]) or compiled(*args)
+    )
+    got = run()
+    # Two token blocks of two vocabulary tiles each way; trl gives no entropy gradient here,
+    # only a placeholder for it, as in training.
+    assert launched == ["spotlora_logprob_forward"] * 4 + ["spotlora_logprob_backward"] * 4
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-3)
+    assert (got[2] != expected[2]).float().mean() < 1e-3  # ties may fall either way
+    torch.testing.assert_close(got[3], expected[3], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"])
+def test_grouped_query_attention_runs_on_a_t4s_kernels(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16, a packed-rows mask, each SDPA backend alone (a T4 has the memory-efficient one):
+    the same outputs and gradients as the repeated key/value heads."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from service import attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batch, heads, kv_heads, length = 4, 32, 8, 512
+    position = torch.arange(length, device="cuda")
+    document = position // 200  # three packed sequences a row
+    mask = (position[:, None] >= position[None, :]) & (document[:, None] == document[None, :])
+    mask = mask.expand(batch, 1, length, length)
+    module = type("Attention", (), {"num_key_value_groups": heads // kv_heads})()
+    shapes = ((batch, heads, length, 128), (batch, kv_heads, length, 128))
+    q = torch.randn(*shapes[0], device="cuda", dtype=torch.float16, generator=gen)
+    k, v = (
+        torch.randn(*shapes[1], device="cuda", dtype=torch.float16, generator=gen) for _ in "kv"
+    )
+    grad = torch.randn(batch, length, heads, 128, device="cuda", dtype=torch.float16, generator=gen)
+    fused = attention.grouped_query_attention(sdpa_attention_forward)
+    results = []
+    for fn in (sdpa_attention_forward, fused):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            out, _ = fn(module, *inputs, mask, dropout=0.0, scaling=128**-0.5)
+            results.append([out, *torch.autograd.grad(out, inputs, grad)])
+    for got, want in zip(*reversed(results), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-3)
