@@ -167,8 +167,9 @@ def fuse_lora_updates(model: Any) -> int:
     before the 4-bit matmul instead. Activation checkpointing (non-reentrant) stops each
     layer's recomputation at the last tensor the layer keeps for its backward: the update's
     input, then, so the 4-bit matmul, whose output the next layer's checkpoint already
-    holds, is not recomputed (a seventh of a Llama layer's matmuls with adapters on every
-    projection)."""
+    holds, is not recomputed: with adapters on every projection of a Mistral-7B or
+    Llama-3.1-8B layer, whose down projection holds 27% of its weights, about 9% of the
+    layer's matmul work in a step."""
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:
