@@ -138,47 +138,14 @@ BACKWARD_THREADS = 256
 
 # The parameters of trl's tile functions (trl 1.16) that these replace: another trl keeps
 # its own.
-FORWARD_PARAMETERS = [
-    "tile",
-    "tile_stride",
-    "targets",
-    "running_max",
-    "sum_exp",
-    "x_sum_exp",
-    "sq_sum_exp",
-    "z_sum",
-    "max_before_target",
-    "target_logit",
-    "vocab_start",
-    "n_cols",
-    "logit_scale",
-    "softcap",
-    "inv_t",
-    "HAS_SOFTCAP",
-    "HAS_ENTROPY",
-    "HAS_LOG_SUM_SQ_PROBS",
-    "HAS_MEAN_LOGITS",
-    "HAS_IS_TOP1",
-    "BLOCK_SIZE",
-]
-BACKWARD_PARAMETERS = [
-    "tile",
-    "tile_stride",
-    "targets",
-    "log_z",
-    "entropy",
-    "grad_logprobs",
-    "grad_entropy",
-    "vocab_start",
-    "n_cols",
-    "logit_scale",
-    "softcap",
-    "inv_t",
-    "HAS_SOFTCAP",
-    "HAS_LOGPROB_GRAD",
-    "HAS_ENTROPY_GRAD",
-    "BLOCK_SIZE",
-]
+_TILE = ["tile", "tile_stride", "targets"]
+_SCALARS = ["vocab_start", "n_cols", "logit_scale", "softcap", "inv_t", "HAS_SOFTCAP"]
+_STATS = ["running_max", "sum_exp", "x_sum_exp", "sq_sum_exp", "z_sum", "max_before_target"]
+_OUTPUTS = ["HAS_ENTROPY", "HAS_LOG_SUM_SQ_PROBS", "HAS_MEAN_LOGITS", "HAS_IS_TOP1"]
+FORWARD_PARAMETERS = [*_TILE, *_STATS, "target_logit", *_SCALARS, *_OUTPUTS, "BLOCK_SIZE"]
+_GRADS = ["grad_logprobs", "grad_entropy"]
+_GRAD_FLAGS = ["HAS_LOGPROB_GRAD", "HAS_ENTROPY_GRAD"]
+BACKWARD_PARAMETERS = [*_TILE, "log_z", "entropy", *_GRADS, *_SCALARS, *_GRAD_FLAGS, "BLOCK_SIZE"]
 
 
 def fold_forward(original: Any) -> Any:
