@@ -14,8 +14,9 @@ from typing import Any
 # and its gradient is the transpose: dx1 = g1*c1 + g2*s2, dx2 = g2*c2 - g1*s1. One thread per
 # pair (x1, x2), so each element is read once: an elementwise (jiterator) kernel reaches the
 # partner half only through extra broadcast operands, and ran at a quarter of this speed. One
-# block per token, its threads over the token's (head, pair)s: one flat index split by 64-bit
-# divisions in every thread took 0.32 ms where a pass over the bytes takes ~0.07. The
+# block per token, its threads over the token's (head, pair)s: a flat index split by 64-bit
+# divisions in every thread took 0.32 ms on the queries (32 x 512 x 4096, fp16), where
+# reading and writing them once at an H200's memory rate takes ~0.07 ms. The
 # storage type comes in as T, with load/store to and from float, so no CUDA header is needed.
 ROPE_SOURCE = """
 extern "C" __global__ void spotlora_rope(
