@@ -183,7 +183,7 @@ def rotary_function() -> Any:
             ctx.save_for_backward(cos, sin)
             ctx.layout = x.stride()
             # Contiguous (batch, heads, length, dim), whatever x's layout: the grouped-query
-            # attention (service.kernels) then lays a key/value head's query heads one after
+            # attention (service.attention) then lays a key/value head's query heads one after
             # another along the length by a view.
             out = x.new_empty(x.shape)
             return elementwise(x.is_cuda).rope(x, cos, sin, out, backward=False)
