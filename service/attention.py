@@ -44,7 +44,7 @@ def grouped_query_attention(original: Callable[..., Any]) -> Callable[..., Any]:
             query.reshape(batch, kv_heads, groups * length, query.shape[-1]),
             key,
             value,
-            attn_mask=_repeat_rows(attention_mask, groups),
+            attn_mask=_repeat_rows(attention_mask, groups, query.dtype),
             scale=kw.get("scaling"),
         )
         # (batch, kv heads, group, length, dim) to the original's (batch, length, heads, dim)
@@ -55,16 +55,25 @@ def grouped_query_attention(original: Callable[..., Any]) -> Callable[..., Any]:
     return sdpa_attention_forward
 
 
-def _repeat_rows(mask: Any, groups: int) -> Any:
+def _repeat_rows(mask: Any, groups: int, dtype: Any) -> Any:
     """(batch, 1, length, keys) to (batch, 1, groups * length, keys), the rows repeated as a
-    block per group; kept on the mask, which every layer (and each recomputation) gets."""
+    block per group; kept on the mask, which every layer (and each recomputation) gets. A
+    boolean mask becomes the additive one SDPA would make of it at every call (0 where
+    True, -inf where False, in the queries' dtype)."""
+    import torch
+
+    key = (groups, mask._version, dtype)
     cached = getattr(mask, "spotlora_rows", None)
-    if cached is not None and cached[:2] == (groups, mask._version):
-        return cached[2]
+    if cached is not None and cached[0] == key:
+        return cached[1]
     batch, _, length, keys = mask.shape
     rows = mask[:, :, None].expand(batch, 1, groups, length, keys)
     rows = rows.reshape(batch, 1, groups * length, keys)
-    mask.spotlora_rows = (groups, mask._version, rows)
+    if rows.dtype == torch.bool:
+        rows = torch.zeros(rows.shape, dtype=dtype, device=rows.device).masked_fill_(
+            ~rows, float("-inf")
+        )
+    mask.spotlora_rows = (key, rows)
     return rows
 
 

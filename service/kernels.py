@@ -140,21 +140,24 @@ def _lora_update(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    down = lora_a(self.lora_dropout[name](x))
+    # Rows flat: the 4-bit matmul then returns a tensor of its own, which the update can
+    # change in place; changing a view of it instead costs the backward a copy of the
+    # gradient (CopySlices) and a zero-filled one (as_strided), per layer and projection.
+    rows = x.reshape(-1, x.shape[-1])
+    down = lora_a(self.lora_dropout[name](rows))
     # Cast here: addmm_ is not autocast, the B weight is fp32, and the 4-bit layer returns
     # x's dtype.
-    factors = (down.reshape(-1, down.shape[-1]).to(x.dtype), lora_b.weight.t().to(x.dtype))
+    factors = (down.to(x.dtype), lora_b.weight.t().to(x.dtype))
     if getattr(self, "spotlora_update_first", False):  # see fuse_lora_updates
         update = torch.mm(*factors)
-        result = self.base_layer(x)
-        return result.add(update.view(result.shape), alpha=self.scaling[name])
-    result = self.base_layer(x)
-    flat = result.reshape(-1, result.shape[-1])
-    if result._is_view():  # with a bias, bitsandbytes returns a view autograd must not change
-        return torch.addmm(flat, *factors, alpha=self.scaling[name]).view(result.shape)
-    # In place: the 4-bit matmul's output is its own new tensor, which its backward does not keep.
-    flat.addmm_(*factors, alpha=self.scaling[name])
-    return flat.view(result.shape)
+        result = self.base_layer(rows).add(update, alpha=self.scaling[name])
+    else:
+        result = self.base_layer(rows)
+        if result._is_view():  # with a bias, bitsandbytes returns a view autograd must not change
+            result = torch.addmm(result, *factors, alpha=self.scaling[name])
+        else:  # its own new tensor, which the 4-bit matmul's backward does not keep
+            result.addmm_(*factors, alpha=self.scaling[name])
+    return result.view(*x.shape[:-1], result.shape[-1])
 
 
 def fuse_lora_updates(model: Any) -> int:

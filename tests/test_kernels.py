@@ -175,6 +175,23 @@ def test_lora_update_as_one_addmm_matches_peft(
     assert torch.equal(logits(True), base)
     torch.testing.assert_close(logits(False), adapted)
     assert not torch.allclose(base, adapted)
+    # Updated in place on the 4-bit matmul's own output, not on a view of it: a view's
+    # in-place update costs the backward a copy of the gradient (CopySlices) and a
+    # zero-filled one (AsStridedBackward0) per projection.
+    out = peft_model(input_ids=ids).logits
+    assert not {"CopySlices", "AsStridedBackward0"} & _graph_nodes(out.grad_fn)
+
+
+def _graph_nodes(fn: Any) -> set[str]:
+    seen, names, todo = set(), set(), [fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
 
 
 def _quantized_lora(tiny_model: Path, targets: list[str], dropout: float = 0.1) -> Any:
@@ -269,7 +286,7 @@ def test_grouped_query_attention_without_repeated_heads_matches(
     monkeypatch.setattr(
         attention,
         "_repeat_rows",
-        lambda mask, groups: repeated.append(groups) or repeat_rows(mask, groups),
+        lambda mask, groups, dtype: repeated.append(groups) or repeat_rows(mask, groups, dtype),
     )
     assert kernels.fuse_grouped_attention(model) == model.config.num_hidden_layers
     repeated.clear()  # the probe's
