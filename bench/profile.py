@@ -34,13 +34,21 @@ def family(name: str) -> str:
     return next((label for label, pattern in FAMILIES if re.search(pattern, name)), "other")
 
 
-def idle_gaps(spans: list[tuple[float, float]], least: float = 1e-4) -> list[float]:
-    """The GPU's idle stretches longer than `least` seconds between kernel spans, largest first."""
-    gaps, busy_until = [], None
-    for start, end in sorted(spans):
+# CUPTI's marks of the host waiting on a full launch queue: no GPU work of their own.
+NOT_KERNELS = ("Command Buffer Full",)
+
+
+def idle_gaps(
+    spans: list[tuple[float, float, str]], least: float = 1e-4
+) -> list[tuple[float, str, str]]:
+    """The GPU's idle stretches longer than `least` seconds between kernel spans (start, end,
+    name), largest first, each with the kernels before and after it."""
+    gaps, busy_until, last = [], None, ""
+    for start, end, name in sorted(spans):
         if busy_until is not None and start - busy_until > least:
-            gaps.append(start - busy_until)
-        busy_until = end if busy_until is None else max(busy_until, end)
+            gaps.append((start - busy_until, last, name))
+        if busy_until is None or end >= busy_until:
+            busy_until, last = end, name
     return sorted(gaps, reverse=True)
 
 
@@ -103,6 +111,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
+    ensure_model_dir(name, opts.model_dir)  # made on the GPU: before the T4's memory cap
     if opts.t4:
         emulate_t4()
     dtype = "fp16" if opts.t4 else "bf16"
@@ -110,7 +119,6 @@ def main() -> None:
     spec = job_spec(
         opts.model_dir, dtype, opts.warmup + opts.steps, {"batch_size": size}, "compute"
     )
-    ensure_model_dir(name, opts.model_dir)
     model, tokenizer, _ = load_product_model(spec, opts.model_dir, dtype)
     trainer = product_trainer(spec, model, tokenizer, dtype)
     prof = profile(
@@ -134,11 +142,11 @@ def main() -> None:
     trainer.train()
     wall = window["end"] - window["start"]
     kernels: dict[str, float] = {}
-    spans: list[tuple[float, float]] = []
+    spans: list[tuple[float, float, str]] = []
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.name not in NOT_KERNELS:
             kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e6
-            spans.append((event.time_range.start / 1e6, event.time_range.end / 1e6))
+            spans.append((event.time_range.start / 1e6, event.time_range.end / 1e6, event.name))
     busy = sum(kernels.values())
     families: dict[str, float] = {}
     for name, seconds in kernels.items():
@@ -160,9 +168,11 @@ def main() -> None:
     )
     gaps = idle_gaps(spans)
     print(
-        f"GPU idle between its first and last kernel: {sum(gaps):.3f} s in {len(gaps)} gaps "
-        f"over 0.1 ms, the largest {', '.join(f'{g * 1e3:.1f}' for g in gaps[:8])} ms"
+        f"GPU idle between its first and last kernel: {sum(g for g, _, _ in gaps):.3f} s in "
+        f"{len(gaps)} gaps over 0.1 ms; the largest, with the kernels either side:"
     )
+    for seconds, before, after in gaps[:8]:
+        print(f"  {seconds * 1e3:7.1f} ms  {before[:60]}  ->  {after[:60]}")
     for label, seconds in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"  {label:18s} {seconds:7.3f} s  {seconds / wall:6.1%} of wall")
     for name, seconds in sorted(kernels.items(), key=lambda kv: -kv[1])[:25]:
