@@ -160,7 +160,9 @@ def _lora_update(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         result = self.base_layer(rows).add(update, alpha=self.scaling[name])
     else:
         result = self.base_layer(rows)
-        if result._is_view():  # with a bias, bitsandbytes returns a view autograd must not change
+        # A view made inside the 4-bit matmul's autograd function must not change in place;
+        # bitsandbytes returned one for 3-D rows with a bias (F.linear's), not for flat rows.
+        if result._is_view():
             result = torch.addmm(result, *factors, alpha=self.scaling[name])
         else:  # its own new tensor, which the 4-bit matmul's backward does not keep
             result.addmm_(*factors, alpha=self.scaling[name])
@@ -260,7 +262,7 @@ def fuse_rotary(model: Any) -> int:
             continue
         original = getattr(current, "spotlora_original", current)
         fused = rotary_embedding(original)
-        if not _probe(_agree, _probe_rotary, fused, original, ref):
+        if not _probe(_probe_rotary, fused, original, ref):
             log.warning("rotary_not_fused", module=name)
             continue
         source.apply_rotary_pos_emb = fused  # type: ignore[attr-defined]
@@ -268,19 +270,14 @@ def fuse_rotary(model: Any) -> int:
     return replaced
 
 
-def _agree(run: Callable[..., list[list[Any]]], *args: Any) -> bool:
+def _probe(run: Callable[..., list[list[Any]]], *args: Any) -> bool:
     """Whether the two result lists of a probe `run` (the original code's, the fused one's)
-    match, one by one."""
-    want, got = run(*args)
-    return all(_matches(g, w) for w, g in zip(want, got, strict=True))
-
-
-def _probe(check: Callable[..., bool], *args: Any) -> bool:
-    """A probe's verdict. A kernel that cannot be built here (no NVRTC, a torch without
+    match, one by one. A kernel that cannot be built here (no NVRTC, a torch without
     torch.cuda._compile_kernel, which came in 2.8) counts as a mismatch: the job runs on the
     models' own code instead of failing."""
     try:
-        return check(*args)
+        want, got = run(*args)
+        return all(_matches(g, w) for w, g in zip(want, got, strict=True))
     except Exception as err:  # whatever the cause, the models' own code stays
         log.warning("fused_kernel_failed", error=f"{type(err).__name__}: {err}".splitlines()[0])
         return False
@@ -315,7 +312,7 @@ def fuse_swiglu(model: Any) -> int:
             type(getattr(module, "act_fn", None)).__name__ != "SiLUActivation"
         ):
             continue
-        if replaced == 0 and not _probe(_agree, _probe_mlp, module):
+        if replaced == 0 and not _probe(_probe_mlp, module):
             log.warning("swiglu_not_fused", module=type(module).__name__)
             return 0
         module.forward = types.MethodType(_fused_mlp, module)
@@ -359,9 +356,7 @@ def fuse_grouped_attention(model: Any) -> int:
     original = getattr(current, "spotlora_original", current)
     fused = attention.grouped_query_attention(original)
     ref = next(p for p in model.parameters() if p.dtype.is_floating_point)
-    if not _probe(
-        _agree, attention.probe, fused, original, ref.new_empty(0, dtype=_compute_dtype(model))
-    ):
+    if not _probe(attention.probe, fused, original, ref.new_empty(0, dtype=_compute_dtype(model))):
         log.warning("grouped_attention_not_fused")
         return 0
     ALL_ATTENTION_FUNCTIONS["sdpa"] = fused
@@ -393,7 +388,7 @@ def fuse_lm_head_loss(model: Any = None) -> int:
             log.warning("lm_head_loss_not_fused", reason=f"trl's {name} is not the one known")
             return 0
         folds.append((name, original, make(original)))
-    if not _probe(_agree, logprob.probe, folds):
+    if not _probe(logprob.probe, folds):
         log.warning("lm_head_loss_not_fused", reason="probe")
         return 0
     for name, _, fold in folds:

@@ -147,7 +147,8 @@ def test_lora_update_as_one_addmm_matches_peft(
 ) -> None:
     """The real 4-bit base on the CPU, dropout on: the same loss and adapter gradients as
     peft's forward; a disabled adapter still gives the base model's output. With biases on
-    the projections (as Qwen2's q/k/v), bitsandbytes returns a view, updated out of place."""
+    the projections (as Qwen2's q/k/v) too: bitsandbytes returned a view of 3-D rows there,
+    which autograd forbids changing in place; flat rows give a tensor of their own."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     if bias:
