@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "launch",
         help="run on several processes: spotlora launch [torchrun flags] -- run --manifest FILE",
+        description="Everything before '--' is torchrun's (see torchrun --help); after it, "
+        "the command each process runs.",
     )
     report = sub.add_parser("report", help="write plots for a finished run")
     report.add_argument("uri", help="the run's output URI (local dir or s3://)")
@@ -365,7 +367,7 @@ def _main(argv: list[str]) -> int:
             given.append(secret.get_secret_value())
     secrets = tuple(s for s in given if s)
     configure_logging(settings.log_format, settings.log_level, secrets)
-    if argv[:1] == ["launch"]:  # torchrun's own flags follow: no parsing of ours
+    if argv[:1] == ["launch"] and not _asks_help(argv):  # torchrun's flags: not ours to parse
         from service.distributed import launch
 
         try:
@@ -383,6 +385,12 @@ def _main(argv: list[str]) -> int:
 
         record_outcome(code)
     return code
+
+
+def _asks_help(argv: list[str]) -> bool:
+    """``launch --help`` is ours to answer, without importing torch."""
+    ours = argv[: argv.index("--")] if "--" in argv else argv
+    return "-h" in ours or "--help" in ours
 
 
 def _dispatch_reporting(args: argparse.Namespace, settings: RuntimeSettings) -> int:
