@@ -77,6 +77,7 @@ LAYERS = {
     "service.observer": 3,
     "service.tracking": 3,
     "service.evaluation": 3,
+    "service.runs": 3,
     # the one module that wires them, and the command line above it
     "service.recipe": 4,
     "service.cli": 5,
@@ -151,6 +152,8 @@ HELPS = [
         ["runs"],
         ["runs", "list"],
         ["runs", "show"],
+        ["runs", "resume"],
+        ["runs", "prune"],
         ["launch"],
         ["report"],
         ["export"],
