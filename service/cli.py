@@ -79,15 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("schema", help="print the manifest's JSON Schema")
     sub.add_parser("example", help="print an example manifest")
-    runs = sub.add_parser("runs", help="the history of a scheduled job (output.per_run)")
+    runs = sub.add_parser("runs", help="a job's runs: history, resume by hand, prune")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
     runs_sub.add_parser("list", help="one line per run").add_argument("uri")
     show = runs_sub.add_parser("show", help="one run's record")
     show.add_argument("uri")
     show.add_argument("run_id")
+    from service.runs import add_commands
+
+    add_commands(runs_sub)
     sub.add_parser(
         "launch",
         help="run on several processes: spotlora launch [torchrun flags] -- run --manifest FILE",
+        description="Everything before '--' is torchrun's (see torchrun --help); after it, "
+        "the command each process runs.",
     )
     report = sub.add_parser("report", help="write plots for a finished run")
     report.add_argument("uri", help="the run's output URI (local dir or s3://)")
@@ -116,56 +121,6 @@ def _load(args: argparse.Namespace, settings: RuntimeSettings) -> LoadedManifest
         overrides=args.overrides,
     )
     return loaded
-
-
-def show_runs(args: argparse.Namespace) -> ExitCode:
-    import time
-
-    from service.history import RunHistory
-    from service.storage import open_storage
-    from service.uris import check_key_segment, check_storage_uri
-
-    try:
-        check_storage_uri(args.uri)
-    except ValueError as err:
-        raise ManifestError(f"runs {args.runs_command}: URI {args.uri!r}: {err}") from None
-    if args.runs_command == "show":
-        try:
-            check_key_segment(args.run_id)
-        except ValueError as err:
-            raise ManifestError(f"runs show: RUN {args.run_id!r}: {err}") from None
-    history = RunHistory(open_storage(args.uri))
-    if args.runs_command == "show":
-        try:
-            record = history.run_storage(args.run_id).read_bytes("run.json")
-        except FileNotFoundError:
-            raise ManifestError(f"{args.uri}: no run {args.run_id!r} with a run.json") from None
-        sys.stdout.write(record.decode() + "\n")
-        return ExitCode.OK
-    published, _ = history.published()
-    current = published["run_id"] if published else None
-    sys.stdout.write(
-        f"{'RUN':24} {'STARTED (UTC)':20} {'STATUS':10} {'STEPS':>6} {'EVAL LOSS':>10} "
-        f"{'ATTEMPTS':>8} {'COST $':>11} {'LOST $':>11} {'LOST MIN':>8}  PUBLISHED  REASON\n"
-    )
-    for e in history.entries():
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["started_unix"]))
-        eval_loss = (e.get("losses") or {}).get("final_eval")
-        loss = f"{eval_loss:.4f}" if isinstance(eval_loss, float) else "-"
-        mark = "*" if e["run_id"] == current else ("yes" if e["promoted"] else "no")
-        cost = e.get("cost") or {}
-        lost_minutes = (cost.get("lost_work_seconds", 0) + cost.get("restart_seconds", 0)) / 60
-        sys.stdout.write(
-            f"{e['run_id']:24} {started:20} {e['status']:10} {e.get('steps') or 0:>6} "
-            f"{loss:>10} {cost.get('attempts', '-'):>8} {_dollars(cost.get('total_usd')):>11} "
-            f"{_dollars(cost.get('lost_to_preemption_usd')):>11} {lost_minutes:>8.1f}  "
-            f"{mark:9}  {e.get('reason', '')}\n"
-        )
-    return ExitCode.OK
-
-
-def _dollars(value: float | None) -> str:
-    return "-" if value is None else f"{value:.6f}"
 
 
 def finished_run(command: str, uri: str) -> tuple[Storage, dict[str, Any]]:
@@ -290,7 +245,9 @@ def dispatch(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
         sys.stdout.write(EXAMPLE_MANIFEST)
         return ExitCode.OK
     if args.command == "runs":
-        return show_runs(args)
+        from service import runs
+
+        return runs.COMMANDS[args.runs_command](args)
     if args.command == "export":
         return export_run(args, settings)
     if args.command == "report":
@@ -365,7 +322,7 @@ def _main(argv: list[str]) -> int:
             given.append(secret.get_secret_value())
     secrets = tuple(s for s in given if s)
     configure_logging(settings.log_format, settings.log_level, secrets)
-    if argv[:1] == ["launch"]:  # torchrun's own flags follow: no parsing of ours
+    if argv[:1] == ["launch"] and not _asks_help(argv):  # torchrun's flags: not ours to parse
         from service.distributed import launch
 
         try:
@@ -383,6 +340,12 @@ def _main(argv: list[str]) -> int:
 
         record_outcome(code)
     return code
+
+
+def _asks_help(argv: list[str]) -> bool:
+    """``launch --help`` is ours to answer, without importing torch."""
+    ours = argv[: argv.index("--")] if "--" in argv else argv
+    return "-h" in ours or "--help" in ours
 
 
 def _dispatch_reporting(args: argparse.Namespace, settings: RuntimeSettings) -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from service import kernels
+from service import chat_templates, kernels
 from service.distributed import ranks_from_env
 from service.errors import DependencyError, ManifestError
 from service.manifest.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
@@ -231,12 +231,24 @@ def prepare(
     Returns (peft model, tokenizer, local model directory)."""
     model_dir = fetch_model(spec.model, cache_dir, hf_token)
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
-    if spec.data.format == "chat" and not tokenizer.chat_template:
-        raise ManifestError(
-            "spec.data.format: 'chat' needs a tokenizer with a chat template; "
-            f"{spec.model.source} has none"
-        )
+    use_chat_template(tokenizer, spec)
     return load_for_training(model_dir, spec, dtype, device), tokenizer, model_dir
+
+
+def use_chat_template(tokenizer: Any, spec: JobSpec) -> None:
+    """The manifest's chat template on the tokenizer, so the saved adapter's tokenizer
+    carries what it was trained with; without one, a chat job needs the model's own."""
+    wanted = spec.data.chat_template
+    if wanted is not None:
+        if tokenizer.chat_template:
+            log.info("chat_template_replaced", reason="spec.data.chat_template wins")
+        tokenizer.chat_template = chat_templates.resolve(wanted)
+    elif spec.data.format == "chat" and not tokenizer.chat_template:
+        raise ManifestError(
+            f"spec.data.format: 'chat' needs a chat template; {spec.model.source}'s tokenizer "
+            "has none (a base model?): name one in spec.data.chat_template "
+            f"({', '.join(sorted(chat_templates.TEMPLATES))}) or give its Jinja text"
+        )
 
 
 def load_for_training(path: Path, spec: JobSpec, dtype: str, device: Device) -> Any:

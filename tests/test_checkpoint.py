@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from structlog.testing import capture_logs
 
 from service.checkpoint.committer import BackgroundCommitter
 from service.checkpoint.store import MANIFEST_NAME, POINTER_KEY, CheckpointStore, PointerUnreadable
-from service.errors import Superseded
+from service.errors import ManifestError, Superseded
 from service.storage import Storage, open_storage
+from service.versions import checkpoint_versions
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -264,3 +266,73 @@ def test_the_data_order_state_is_committed_with_the_manifest(
     store.commit(snapshot(tmp_path, 3), 3, keep=2, state=state)
     found = CheckpointStore(storage).newest_verified()
     assert found is not None and found.state == state and found.step == 3
+
+
+def _resume_with_versions(
+    storage: Storage, tmp_path: Path, versions: dict[str, str] | None
+) -> list[dict[str, object]]:
+    """Commit a checkpoint, make its manifest say another image wrote it, plan a resume."""
+    from service.checkpoint.resume import Resumer
+    from service.cli import EXAMPLE_MANIFEST
+    from service.distributed import ranks_from_env
+    from service.manifest import validate_document
+
+    store = CheckpointStore(storage, writer="pod-a")
+    store.claim()
+    store.commit(snapshot(tmp_path, 10), 10, keep=2)
+    key = f"pod-a-step-00000010/{MANIFEST_NAME}"
+    manifest = json.loads(storage.read_bytes(key))
+    assert manifest["versions"] == checkpoint_versions()
+    assert set(manifest["versions"]) == {"torch", "transformers", "peft", "trl", "bitsandbytes"}
+    if versions is None:
+        del manifest["versions"]
+    else:
+        manifest["versions"].update(versions)
+    storage.write_bytes(key, json.dumps(manifest).encode())
+    spec = validate_document(yaml.safe_load(EXAMPLE_MANIFEST), "job.yaml").spec
+    with capture_logs() as logs:
+        Resumer(CheckpointStore(storage), None, spec, ranks_from_env()).plan("rows")
+    return logs
+
+
+def _bumped(name: str, part: int) -> str:
+    """This process's version of ``name`` with its major, minor or patch number moved on."""
+    numbers = checkpoint_versions()[name].split("+")[0].split(".")
+    numbers[part] = str(int(numbers[part]) + 1)
+    return ".".join(numbers)
+
+
+def test_a_checkpoint_from_another_minor_release_is_refused_naming_the_libraries(
+    storage: Storage, tmp_path: Path
+) -> None:
+    other = {"transformers": _bumped("transformers", 1), "trl": _bumped("trl", 0)}
+    with pytest.raises(ManifestError) as info:
+        _resume_with_versions(storage, tmp_path, other)
+    assert info.value.exit_code == 2
+    message = str(info.value)
+    now = checkpoint_versions()
+    assert f"transformers {other['transformers']} then, {now['transformers']} now" in message
+    assert f"trl {other['trl']} then, {now['trl']} now" in message
+    assert "torch" not in message.split("\n")[1]
+    assert "The major.minor of torch, transformers, peft, trl must match" in message
+
+
+def test_a_checkpoint_from_another_patch_release_resumes_saying_why(
+    storage: Storage, tmp_path: Path
+) -> None:
+    other = {"torch": _bumped("torch", 2), "bitsandbytes": _bumped("bitsandbytes", 1)}
+    logs = _resume_with_versions(storage, tmp_path, other)
+    differ = [e for e in logs if e["event"] == "resume_versions_differ"]
+    assert len(differ) == 1
+    assert f"torch {other['torch']} then" in str(differ[0]["differences"])
+    assert f"bitsandbytes {other['bitsandbytes']} then" in str(differ[0]["differences"])
+    assert "patch releases only" in str(differ[0]["reason"])
+
+
+def test_a_checkpoint_without_recorded_versions_resumes_with_a_warning(
+    storage: Storage, tmp_path: Path
+) -> None:
+    logs = _resume_with_versions(storage, tmp_path, None)
+    assert [e["event"] for e in logs if e["event"].startswith("resume_versions")] == [
+        "resume_versions_unrecorded"
+    ]

@@ -109,6 +109,73 @@ def test_completion_loss_needs_a_prompt() -> None:
     assert not validate_document(doc, "x").spec.data.loss_on_completion_only
 
 
+def test_chat_template_is_a_known_name_or_jinja() -> None:
+    doc = example()
+    doc["spec"]["data"].update(format="chat", chat_template="zephyr")
+    assert validate_document(doc, "x").spec.data.chat_template == "zephyr"
+    doc["spec"]["data"]["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert validate_document(doc, "x").spec.data.chat_template.startswith("{% for")
+    doc["spec"]["data"]["chat_template"] = "chatm1"
+    message = error_for(doc)
+    assert "'chatm1' is neither a template name (chatml, llama-3, zephyr)" in message
+
+
+def test_chat_template_syntax_error_is_a_validation_error(tmp_path: Path) -> None:
+    """Found by `validate` and by `run` before any download: exit 2, the line and the fault."""
+    doc = example()
+    broken = "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}"
+    doc["spec"]["data"].update(format="chat", chat_template=broken)
+    assert "not a valid Jinja template: line 2: unexpected '}'" in error_for(doc)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    done = subprocess.run(
+        [sys.executable, str(ENTRYPOINT), "run", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SPOTLORA_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "not a valid Jinja template: line 2" in done.stderr
+
+
+def test_chat_template_only_with_chat_rows() -> None:
+    doc = example()
+    doc["spec"]["data"]["chat_template"] = "chatml"
+    assert "data.chat_template applies to format 'chat' only, not 'alpaca'" in error_for(doc)
+
+
+def test_shipped_chat_templates_render_as_their_models_do() -> None:
+    """Each named template, rendered by transformers, prompt and all: the prompt (with the
+    generation prompt) is a prefix of the whole conversation, as completion-only loss needs."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from service.chat_templates import TEMPLATES
+
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    expected = {
+        "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello<|im_end|>\n",
+        "llama-3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>",
+        "zephyr": "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\nHello</s>\n",
+    }
+    assert set(TEMPLATES) == set(expected)
+    for name, template in TEMPLATES.items():
+        tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+        whole = render_jinja_template([chat], chat_template=template, **tokens)[0][0]
+        prompt = render_jinja_template(
+            [chat[:2]], chat_template=template, add_generation_prompt=True, **tokens
+        )[0][0]
+        assert whole == expected[name], name
+        assert whole.startswith(prompt), name
+
+
 def test_eval_steps_need_eval_data() -> None:
     doc = example()
     doc["spec"]["data"]["eval_fraction"] = 0

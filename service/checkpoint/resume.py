@@ -25,6 +25,7 @@ from service.checkpoint.store import CheckpointStore, Committed, LoadCheck
 from service.distributed import Ranks, barrier, broadcast
 from service.errors import DependencyError, ManifestError, SpotloraError
 from service.manifest.spec import JobSpec
+from service.versions import RESUME_MUST_MATCH, resume_differences
 
 log = structlog.get_logger(__name__)
 
@@ -163,6 +164,37 @@ def plan_resume(
     return ResumePlan(recorded.micro_batch, recorded.gradient_accumulation)
 
 
+def check_versions(recorded: dict[str, str] | None, step: int) -> None:
+    """Refuse (exit 2) a checkpoint written by another major.minor of a library that reads
+    its files back; say why a patch difference is safe. A checkpoint from before versions were
+    recorded resumes: refusing would strand every run in flight across an upgrade, and the
+    test-load before resuming still falls back from one that does not load."""
+    if recorded is None:
+        log.warning(
+            "resume_versions_unrecorded",
+            step=step,
+            reason="checkpoint written by an older spotlora: library versions not compared",
+        )
+        return
+    refused, safe = resume_differences(recorded)
+    if refused:
+        raise ManifestError(
+            f"cannot resume the checkpoint at step {step}: it was written by other library "
+            f"releases, whose files this image may read differently:\n  "
+            + "\n  ".join(refused)
+            + f"\nThe major.minor of {', '.join(RESUME_MUST_MATCH)} must match: run the image "
+            "that wrote it (its run.json's versions name them), or start a new run (a new run id)"
+        )
+    if safe:
+        log.info(
+            "resume_versions_differ",
+            step=step,
+            differences=safe,
+            reason="patch releases only (or libraries whose files the checkpoint does not "
+            "hold): the checkpoint's files are read the same way",
+        )
+
+
 def fit_micro_batch(recorded: int, accumulation: int, fits: int) -> tuple[int, int]:
     """The recorded micro-batch when it fits this GPU; else the largest divisor of it that
     does, with the accumulation raised to keep the rows per optimizer step (and so the data
@@ -188,12 +220,12 @@ class Resumer:
     def plan(self, train_rows: str) -> ResumePlan:
         """Read what the checkpoint to resume recorded (nothing is fetched) and check this
         attempt against it: before any model is loaded or anything claimed."""
-        found: tuple[int, dict[str, Any] | None] | None = None
+        found: tuple[int, dict[str, Any] | None, dict[str, str] | None] | None = None
         if self.ranks.is_main:
             for store in self.stores:
                 committed = store.newest_verified()
                 if committed is not None:
-                    found = (committed.step, committed.state)
+                    found = (committed.step, committed.state, committed.versions)
                     break
             if found is None and self.seeded:
                 raise ManifestError(
@@ -203,7 +235,8 @@ class Resumer:
         found = broadcast(found)  # type: ignore[assignment]
         if found is None:
             return ResumePlan(None, self.spec.training.gradient_accumulation)
-        step, state = found
+        step, state, versions = found
+        check_versions(versions, step)
         recorded = RunOrder.from_state(state)
         if recorded is None:
             log.warning(
@@ -247,6 +280,7 @@ class Resumer:
             return None
         # What was fetched may be older (a fallback) or newer (a pod still committing when
         # this one planned): it must continue the order the trainer was built for.
+        check_versions(committed.versions, committed.step)
         plan = self._check(RunOrder.from_state(committed.state), committed.step, train_rows)
         if planned.micro_batch is not None and plan != planned:
             raise SpotloraError(

@@ -3,8 +3,9 @@
 Layout under the run's checkpoint prefix::
 
     <writer>-step-00000120/...files...        the checkpoint's files (Trainer's format)
-    <writer>-step-00000120/MANIFEST.json      size + sha256 of every file, and the run's
-                                              data-order state: written after the files
+    <writer>-step-00000120/MANIFEST.json      size + sha256 of every file, the run's
+                                              data-order state and the library versions:
+                                              written after the files
     LATEST                                    pointer to the newest committed manifest: last
     attempts/...                              one record per attempt (service.attempts)
 
@@ -37,6 +38,7 @@ import structlog
 
 from service.errors import DependencyError, Superseded
 from service.storage import PreconditionFailed, Storage, sha256_file
+from service.versions import checkpoint_versions
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +110,7 @@ class Committed:
     manifest_key: str
     files: dict[str, dict[str, Any]]
     state: dict[str, Any] | None = None  # the run's data-order state (service.resume)
+    versions: dict[str, str] | None = None  # the libraries that wrote it; None before recorded
 
     @property
     def prefix(self) -> str:
@@ -213,7 +216,9 @@ class CheckpointStore:
                     found_bytes=size,
                 )
                 return None
-        return Committed(step, manifest_key, files, manifest.get("state"))
+        versions = manifest.get("versions")
+        versions = versions if isinstance(versions, dict) else None
+        return Committed(step, manifest_key, files, manifest.get("state"), versions)
 
     def newest_verified(self) -> Committed | None:
         """The newest committed checkpoint whose files are all there, without fetching them:
@@ -324,6 +329,7 @@ class CheckpointStore:
             name = path.relative_to(local_dir).as_posix()
             files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
             self.storage.upload_file(path, f"{prefix}/{name}")
+        versions = checkpoint_versions()
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -331,6 +337,7 @@ class CheckpointStore:
             "created_unix": time.time(),
             "files": files,
             "state": state,
+            "versions": versions,
         }
         manifest_key = f"{prefix}/{MANIFEST_NAME}"
         self.storage.write_bytes(
@@ -342,7 +349,7 @@ class CheckpointStore:
             Pointer(old.generation, self.writer, manifest_key, step, history), self.pointer.tag
         )
         self._prune(keep=[manifest_key, *history])
-        return Committed(step, manifest_key, files, state)
+        return Committed(step, manifest_key, files, state, versions)
 
     def _prune(self, keep: list[str]) -> None:
         """Delete the checkpoints the pointer no longer names. Safe only here, right after

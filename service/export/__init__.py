@@ -197,7 +197,9 @@ def _export(
     shutil.rmtree(staging, ignore_errors=True)
     seconds: dict[str, float] = {}
     # 2. base + adapter, unmerged: the reference, and how far the adapter moves the base.
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+    # The adapter's tokenizer when it saved one: it carries the chat template trained with.
+    saved = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir
+    tokenizer = AutoTokenizer.from_pretrained(saved, trust_remote_code=trust)
     inputs = _tokenize(tokenizer, prompts, spec.export.verify_prompts)
     trained = spec.export.base == "trained"
     base = _load(model_dir, spec, dtype, device, quantized=trained)

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from service.manifest.base import SECRET_ERROR_TYPES, Strict
+from service.manifest.data import DataSpec
 from service.manifest.results import EvaluationSpec, ExportSpec, TrackingSpec
 from service.manifest.running import CheckpointSpec, CostSpec, MetricsSpec, PreemptionSpec
 from service.uris import check_model_source, check_storage_uri
@@ -132,69 +133,6 @@ class LoraSpec(Strict):
         if isinstance(value, list) and not value:
             raise ValueError("lora.target_modules must name at least one module")
         return value
-
-
-DataFormat = Literal["alpaca", "chat", "prompt_completion", "text"]
-
-
-class DataSpec(Strict):
-    train: str = Field(
-        description="Training data: a local file or glob, an s3:// object or prefix/glob, or a "
-        "directory written by datasets' save_to_disk. JSONL, JSON, Parquet or CSV."
-    )
-    eval: str | None = Field(default=None, description="Held-out data in the same forms as train.")
-    format: DataFormat = Field(
-        default="alpaca",
-        description="Row layout: alpaca (instruction/input/output), chat (messages), "
-        "prompt_completion (prompt/completion) or text (text).",
-    )
-    max_length: int = Field(
-        default=512, ge=16, le=131072, description="Tokens per sequence; longer rows are truncated."
-    )
-    eval_fraction: float = Field(
-        default=0.0,
-        ge=0,
-        lt=0.5,
-        description="Share of train rows held out for evaluation, chosen by a hash of each row so "
-        "the split does not drift as the data grows.",
-    )
-    packing: bool = Field(
-        default=True,
-        description="Pack several rows into each sequence of max_length tokens (best-fit "
-        "decreasing), attention and positions kept within each row. No padding is computed, "
-        "which is most of the speed on short rows.",
-    )
-    completion_only_loss: bool | None = Field(
-        default=None,
-        description="Train on the response only. Default: true for alpaca, chat and "
-        "prompt_completion; not available for text.",
-    )
-
-    @field_validator("train", "eval")
-    @classmethod
-    def data_is_a_path_or_s3(cls, value: str | None) -> str | None:
-        """Globs are fine (they are ordinary characters in an S3 key); '..' in a key is not."""
-        return None if value is None else check_storage_uri(value)
-
-    @model_validator(mode="after")
-    def one_eval_source(self) -> DataSpec:
-        if self.eval is not None and self.eval_fraction > 0:
-            raise ValueError("data.eval and data.eval_fraction are exclusive: give one of them")
-        return self
-
-    @model_validator(mode="after")
-    def completion_loss_needs_a_prompt(self) -> DataSpec:
-        if self.format == "text" and self.completion_only_loss:
-            raise ValueError(
-                "data.completion_only_loss needs a prompt/response split; format 'text' has none"
-            )
-        return self
-
-    @property
-    def loss_on_completion_only(self) -> bool:
-        if self.completion_only_loss is None:
-            return self.format != "text"
-        return self.completion_only_loss
 
 
 # Only optimizers whose state restores exactly on resume: bitsandbytes' paged and 8-bit

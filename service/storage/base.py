@@ -17,6 +17,7 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    modified_unix: float = 0.0  # as listed (S3 LastModified, a file's mtime); 0 from head
 
 
 class Storage(Protocol):

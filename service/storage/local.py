@@ -86,7 +86,8 @@ class LocalStorage:
         for path in candidates:
             if path.is_file() and not path.name.endswith((".part", ".lock")):
                 key = path.relative_to(self.root).as_posix()
-                out.append(ObjectInfo(key=key, size=path.stat().st_size, etag=""))
+                stat = path.stat()
+                out.append(ObjectInfo(key, stat.st_size, "", stat.st_mtime))
         return sorted(out, key=lambda o: o.key)
 
     def head(self, key: str) -> ObjectInfo | None:

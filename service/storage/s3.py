@@ -169,7 +169,8 @@ class S3Storage:
         for page in pages:
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(self.prefix) + 1 :] if self.prefix else obj["Key"]
-                out.append(ObjectInfo(key=key, size=obj["Size"], etag=obj["ETag"]))
+                modified = obj["LastModified"].timestamp()
+                out.append(ObjectInfo(key, obj["Size"], obj["ETag"], modified))
         return out
 
     def head(self, key: str) -> ObjectInfo | None:

@@ -200,6 +200,55 @@ def test_rows_that_cannot_train_fail_before_the_run_is_claimed(
     assert not out.exists()  # no checkpoints/too-short/LATEST, nothing else either
 
 
+def test_a_base_model_without_a_chat_template_trains_chat_rows_with_the_manifests(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """A base model's tokenizer has no chat template: without data.chat_template a chat job
+    stops right after the tokenizer loads (exit 2, nothing written); with one it trains, and
+    the adapter's and the merged model's tokenizers carry it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from service.chat_templates import CHATML
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "chat_template.jinja").unlink()
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+    chat = tmp_path / "chat.jsonl"
+    with chat.open("w") as f:
+        for line in tiny_data.read_text().splitlines():
+            row = json.loads(line)
+            prompt = row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
+            turns = [
+                {"role": "user", "content": prompt},
+                {"role": "assistant", "content": row["output"]},
+            ]
+            f.write(json.dumps({"messages": turns}) + "\n")
+    out = tmp_path / "out"
+    doc = manifest("base-chat", str(base), str(chat), str(out), data={"format": "chat"})
+    done = run_job(
+        ["run", "--manifest", str(write_manifest(tmp_path / "none.yaml", doc))],
+        job_env(tmp_path / "cache"),
+    )
+    assert done.code == 2, done.stderr[-2000:]
+    assert "'chat' needs a chat template; " in done.stderr
+    assert "name one in spec.data.chat_template (chatml, llama-3, zephyr)" in done.stderr
+    assert not done.named("model_loaded")  # before the weights
+    assert not out.exists()
+    doc["spec"]["data"]["chat_template"] = "chatml"
+    doc["spec"]["training"]["max_steps"] = 2
+    doc["spec"]["export"] = {"merged": True}
+    done = run_job(
+        ["run", "--manifest", str(write_manifest(tmp_path / "chatml.yaml", doc))],
+        job_env(tmp_path / "cache"),
+    )
+    assert done.code == 0, done.stderr[-3000:]
+    assert AutoTokenizer.from_pretrained(out / "adapter").chat_template == CHATML
+    assert AutoTokenizer.from_pretrained(out / "merged").chat_template == CHATML
+
+
 @pytest.mark.parametrize("spec_change", [{"data": {"format": "chat"}}])
 def test_wrong_format_for_rows_exits_65(
     tiny_model: Path, tiny_data: Path, tmp_path: Path, spec_change: dict[str, dict[str, str]]

@@ -253,3 +253,46 @@ def test_a_seeded_run_resumes_its_own_checkpoints_after_a_preemption(
     kinds = [e["type"] for e in record["events"]]
     assert kinds.count("resumed") == 2 and kinds.count("preempted") == 1
     assert (out / "report.html").is_file()
+
+
+def test_a_failed_job_is_resumed_by_hand_as_operations_md_says(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """docs/operations.md, "Resuming a failed Job by hand": the Job (run id = its uid) is
+    preempted after committing and then gives up (backoffLimit); `spotlora runs resume URI`
+    names the run, and the same manifest run with that SPOTLORA_RUN_ID resumes at the
+    committed step instead of starting a new run."""
+    import subprocess
+    import sys
+
+    from tests.jobs import ENTRYPOINT
+
+    out = tmp_path / "out"
+    doc = job("nightly", tiny_model, tiny_data, out, checkpoint={"every_steps": 2})
+    path = write_manifest(tmp_path / "job.yaml", doc)
+    uid = "0b7d3e52-5f7e-4c1a-9d55-3f1d1f2c9a10"
+    first = run_job(
+        ["run", "-f", str(path)],
+        job_env(tmp_path / "cache", SPOTLORA_RUN_ID=uid),
+        interrupt=at_step(3),
+    )
+    assert first.code == 75, first.stderr[-3000:]
+    committed = first.named("checkpoint_committed")[-1]["step"]
+
+    asked = subprocess.run(
+        [sys.executable, str(ENTRYPOINT), "runs", "resume", str(out)],
+        env=job_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout == f"SPOTLORA_RUN_ID={uid}\n"
+    assert f"# {uid}: committed step {committed}" in asked.stderr
+    name, _, value = asked.stdout.strip().partition("=")
+
+    second = run_job(["run", "-f", str(path)], job_env(tmp_path / "cache", **{name: value}))
+    assert second.code == 0, second.stderr[-3000:]
+    assert second.named("resuming")[0]["step"] == committed
+    record = json.loads((out / "run.json").read_text())
+    assert record["run_id"] == uid and record["resumed_from_step"] == committed
