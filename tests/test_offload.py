@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service import offload
+from service.fast import offload
 from service.errors import ManifestError
 from service.manifest.load import validate_document
 from service.memory import preflight_estimate

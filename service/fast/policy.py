@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -42,8 +42,6 @@ class Policy:
     torch_compile: bool = False
     torch_version: tuple[int, int] = (0, 0)
     c_compiler: str | None = None
-    # Replacements left out by name (benchmarks measure each one's worth this way).
-    without: frozenset[str] = field(default_factory=frozenset)
 
     def triton(self, trl_has_triton: bool) -> bool:
         """Whether trl's Triton kernels can run here: Triton installed (trl says), a GPU it
