@@ -533,3 +533,61 @@ def test_the_lora_probe_catches_an_update_that_differs(
     with pytest.raises(Fallback, match="differs"):
         lora.install(model, CPU)
     assert not _own_forwards(model)
+
+
+def test_a_job_reports_its_kernels_and_off_trains_without_any(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the norms and the LoRA update apply; a norm kernel that computes otherwise
+    falls back (auto: the run goes on, run.json says why; require: exit 2 at load, naming
+    it); off installs nothing and says so. The metric carries the same counts."""
+    import json
+
+    from service.cli import main
+    from service.metrics.registry import JobMetrics
+    from tests.jobs import job_env, manifest, write_manifest
+
+    def wrong(self: Any, hidden_states: Any) -> Any:
+        return hidden_states * 2
+
+    gauges: list[tuple[dict[str, int], int]] = []
+    real_gauges = JobMetrics.fused_kernels
+    monkeypatch.setattr(
+        JobMetrics,
+        "fused_kernels",
+        lambda self, counts, fallbacks: gauges.append((counts, fallbacks))
+        or real_gauges(self, counts, fallbacks),
+    )
+    monkeypatch.setattr(rms_norm, "fused_rms_norm", wrong)
+    for key, value in job_env(tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    records = {}
+    for mode in ("require", "auto", "off"):
+        out = tmp_path / f"out-{mode}"
+        job = manifest(mode, str(tiny_model), str(tiny_data), str(out))
+        job["spec"]["training"].update(fused_kernels=mode, max_steps=2)
+        code = main(["run", "-f", str(write_manifest(tmp_path / f"{mode}.yaml", job))])
+        assert code == (2 if mode == "require" else 0), mode
+        if code == 0:
+            records[mode] = json.loads((out / "run.json").read_text())["kernels"]
+    layers = 2
+    auto = records["auto"]
+    assert auto["mode"] == "auto" and auto["installed"] == {"lora": 4 * layers}
+    assert auto["fallbacks"]["rms_norm"].startswith("probe: the output differs")
+    assert auto["not_applicable"]["rotary"].startswith("no CUDA GPU")
+    off = records["off"]
+    assert off["installed"] == {} and off["fallbacks"] == {}
+    assert set(off["not_applicable"].values()) == {"training.fused_kernels: off"}
+    assert gauges[0] == ({**dict.fromkeys(fast.NAMES, 0), "lora": 4 * layers}, 1)
+    assert gauges[1] == (dict.fromkeys(fast.NAMES, 0), 0)
+
+
+def test_the_fused_kernel_gauges() -> None:
+    from service.metrics.registry import JobMetrics
+
+    metrics = JobMetrics("j")
+    metrics.fused_kernels({"rotary": 1, "swiglu": 0}, 2)
+    value = metrics.registry.get_sample_value
+    assert value("spotlora_fused_kernels", {"kernel": "rotary"}) == 1
+    assert value("spotlora_fused_kernels", {"kernel": "swiglu"}) == 0
+    assert value("spotlora_fused_kernel_fallbacks") == 2
