@@ -555,8 +555,9 @@ def test_a_job_reports_its_kernels_and_off_trains_without_any(
     monkeypatch.setattr(
         JobMetrics,
         "fused_kernels",
-        lambda self, counts, fallbacks: gauges.append((counts, fallbacks))
-        or real_gauges(self, counts, fallbacks),
+        lambda self, counts, fallbacks: (
+            gauges.append((counts, fallbacks)) or real_gauges(self, counts, fallbacks)
+        ),
     )
     monkeypatch.setattr(rms_norm, "fused_rms_norm", wrong)
     for key, value in job_env(tmp_path / "cache").items():
