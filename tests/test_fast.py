@@ -426,17 +426,12 @@ def test_a_compiler_that_cannot_build_an_extension_is_no_compiler(
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\nexit 1\n")
     fake.chmod(0o755)
-    policy.c_compiler.cache_clear()
     monkeypatch.setenv("CC", str(fake))
-    try:
-        assert policy.c_compiler() is None
-        assert "does not build" in policy.c_compiler_missing()
-        monkeypatch.setenv("PATH", str(tmp_path))
-        monkeypatch.delenv("CC")
-        policy.c_compiler.cache_clear()
-        assert policy.c_compiler() is None
-    finally:
-        policy.c_compiler.cache_clear()
+    assert policy.c_compiler() is None
+    assert "does not build" in policy.c_compiler_missing()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC")
+    assert policy.c_compiler() is None
 
 
 def _globals() -> dict[str, Any]:

@@ -84,16 +84,18 @@ def torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-@functools.cache
 def c_compiler() -> str | None:
     """The C compiler Triton would use (CC, else gcc, else clang, as Triton looks for it), if
     it builds a file that includes Python.h; None otherwise (the spotlora image ships none)."""
-    named = os.environ.get("CC")
-    candidates = [named] if named else ["gcc", "clang"]
-    for candidate in candidates:
-        path = shutil.which(candidate)
-        if path and _builds_an_extension(path):
-            return path
+    return _compiler(os.environ.get("CC"), os.environ.get("PATH", ""))
+
+
+@functools.cache  # once per process and environment: a check runs the compiler
+def _compiler(named: str | None, path: str) -> str | None:
+    for candidate in [named] if named else ["gcc", "clang"]:
+        found = shutil.which(candidate, path=path)
+        if found and _builds_an_extension(found):
+            return found
     return None
 
 
