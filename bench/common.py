@@ -205,12 +205,13 @@ def emulate_t4() -> None:
     kernels: no Triton, which supports nothing below compute capability 8.0, so trl's LM-head
     loss takes its PyTorch path as on a T4."""
     import torch
-
-    from service.kernels import use_triton_kernels
+    from trl.kernels import chunked_logprob
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, T4_MEMORY_BYTES / total), 0)
-    use_triton_kernels(False)
+    # As if Triton were missing: the run's policy then takes trl's PyTorch path and the
+    # compiled fold of service.fast.logprob, as on a T4.
+    chunked_logprob._TRITON_AVAILABLE = False
 
 
 def matmul_tflops(dtype_name: str, size: int = 8192, repeats: int = 20) -> float:

@@ -4,7 +4,7 @@ Builds (once) a random-init model directory of the preset's shape, measures the 
 fp16 matmul rates, runs each variant in its own process and prints one table. Variants:
 seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp32[:B..],
 spotlora-compile[:B..], spotlora-without-LEVER[+LEVER..][:B..] (norms, rotary, swiglu, lora,
-attention, loss: the fused kernels of service.kernels left out)
+attention, loss: the fused kernels of service.fast left out)
 (B: micro-batch sizes, swept in one process; default 'auto', the product's default).
 """
 

@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument(
         "--without",
         default="",
-        help="comma-separated fused kernels to leave out (service.kernels): "
+        help="comma-separated fused kernels to leave out (service.fast): "
         "norms, rotary, swiglu, lora, attention, loss (the models', peft's and trl's own "
         "code instead)",
     )
@@ -285,27 +285,28 @@ def main() -> None:
 
     import torch
 
-    from service import kernels
+    from service import fast
 
     if opts.t4:
         emulate_t4()
     if opts.triton_loss:
         from trl.kernels import chunked_logprob
 
-        chunked_logprob._TRITON_AVAILABLE = True
-        kernels.use_triton_kernels = lambda enabled: None  # the loader must not turn it off
+        chunked_logprob._TRITON_AVAILABLE = True  # the policy keeps it where a compiler is
     levers = {
-        "norms": "fuse_rms_norms",
-        "rotary": "fuse_rotary",
-        "swiglu": "fuse_swiglu",
-        "lora": "fuse_lora_updates",
-        "attention": "fuse_grouped_attention",
-        "loss": "fuse_lm_head_loss",
+        "norms": "rms_norm",
+        "rotary": "rotary",
+        "swiglu": "swiglu",
+        "lora": "lora",
+        "attention": "grouped_attention",
+        "loss": "lm_head_loss",
     }
+    left_out = set()
     for lever in filter(None, opts.without.split(",")):
         if lever not in levers:
             parser.error(f"--without: {lever!r} is none of {', '.join(levers)}")
-        setattr(kernels, levers[lever], lambda model: 0)
+        left_out.add(levers[lever])
+    fast.REPLACEMENTS = tuple(r for r in fast.REPLACEMENTS if r.NAME not in left_out)
     dtype = "fp16" if opts.t4 else "bf16"
     params = param_count(opts.preset)
     result: dict[str, Any] = {

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from service import chat_templates, kernels
+from service import chat_templates, fast
 from service.distributed import ranks_from_env
 from service.errors import DependencyError, ManifestError
 from service.manifest.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
@@ -82,9 +82,6 @@ def resolve_compute_dtype(requested: str, device: Device) -> str:
 def check_compile_supported(device: Device) -> None:
     """What Triton needs, checked before anything is claimed or loaded: a recent GPU, and a C
     compiler (found as Triton finds it) to build each kernel's launcher."""
-    import os
-    import shutil
-
     if device.capability is None or device.capability < COMPILE_MIN_CAPABILITY:
         where = (
             "this machine has no CUDA GPU"
@@ -95,11 +92,10 @@ def check_compile_supported(device: Device) -> None:
             "spec.training.torch_compile: needs a CUDA GPU of compute capability >= 8.0 "
             f"(Triton no longer supports older ones), but {where}; set it to false"
         )
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler or not shutil.which(compiler):
+    if fast.policy.c_compiler() is None:
         raise ManifestError(
-            "spec.training.torch_compile: Triton builds its kernels with a C compiler and none "
-            "was found (CC, gcc or clang on PATH); the spotlora image ships none (see "
+            "spec.training.torch_compile: Triton builds its kernels with a C compiler, but "
+            f"there is {fast.policy.c_compiler_missing()}; the spotlora image ships none (see "
             "docs/manifest.md, 'Model'), or set it to false"
         )
 
@@ -262,10 +258,15 @@ def load_for_training(path: Path, spec: JobSpec, dtype: str, device: Device) -> 
         spec.lora,
         spec.quantization,
     )
-    cuda_kernels = device.kind == "cuda" and not spec.training.torch_compile
-    log.info("fused_kernels", **kernels.fuse(peft_model, cuda_kernels=cuda_kernels))
-    if device.kind == "cuda":
-        kernels.use_triton_kernels(kernels.triton_supported(device.capability))
+    policy = fast.policy.for_run(
+        mode=spec.training.fused_kernels,
+        device=device.kind,
+        capability=device.capability,
+        compute_dtype=dtype,
+        frozen_dtype=spec.quantization.frozen_dtype,
+        torch_compile=spec.training.torch_compile,
+    )
+    fast.fuse(peft_model, policy)  # the report stays on the model: fast.report(model)
     if spec.training.torch_compile:
         log.info("torch_compile", layers=compile_layers(peft_model))
     return peft_model

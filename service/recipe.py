@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from service import export, ledger, record, tracking
+from service import export, fast, ledger, record, tracking
 from service.attempts import Attempt, AttemptLog
 from service.checkpoint.committer import BackgroundCommitter
 from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, rows_sha256
@@ -131,6 +131,9 @@ class FineTuneRun:
         peft_model, tokenizer, self.model_dir = model.prepare(
             self.spec, self.settings.cache_dir, dtype, device, token
         )
+        if kernels := fast.report(peft_model):  # what the speed layer installed, and not
+            self.facts.kernels = kernels.as_dict()
+            self.observer.metrics.fused_kernels(kernels.counts(), len(kernels.fallbacks))
         if self.retraining is not None and self.spec.promotion.warm_start:
             self.retraining.warm_start(peft_model)
         log.info(
@@ -162,7 +165,8 @@ class FineTuneRun:
         self.observer.training()
         try:
             self.trainer.train(resume_from_checkpoint=self.resume_dir and str(self.resume_dir))
-        finally:
+        finally:  # evaluation, generation and the export run the libraries' own code
+            fast.uninstall(self.trainer.model)
             self.facts.mark("train")
         if self.safepoint.stop.preempted:
             self.observer.stopping()

@@ -67,6 +67,7 @@ class RunFacts:
     promotion: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None  # samples and task metrics (service.evaluation)
     export: dict[str, Any] | None = None  # the merged model (service.export)
+    kernels: dict[str, Any] | None = None  # the speed layer's report (service.fast)
     trainer: Any = None  # once built: its state holds the steps and the log history
     _t0: float = field(default_factory=time.monotonic)
 
@@ -127,6 +128,7 @@ def build(
         "losses": losses(log_history),
         "evaluation": facts.evaluation,
         "export": facts.export,
+        "kernels": facts.kernels,
         "checkpoints": checkpoints,
         "attempts": rows,
         "preemptions": preemptions(rows),

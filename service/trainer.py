@@ -181,7 +181,7 @@ def pack_datasets(trainer: Any, max_length: int) -> None:
 def _packed_sft_trainer() -> type:
     from trl import SFTTrainer
 
-    from service.offload import activations_on_host
+    from service.fast.offload import activations_on_host
 
     class PackedSFTTrainer(SFTTrainer):
         """trl counts a micro-batch without an attention mask as one padding-free row

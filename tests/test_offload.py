@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from service import offload
 from service.errors import ManifestError
+from service.fast import offload
 from service.manifest.load import validate_document
 from service.memory import preflight_estimate
 from tests.jobs import manifest, run_in_process

@@ -43,6 +43,7 @@ ORDER_EXEMPT = frozenset(
         "training.eval_steps",
         "training.gradient_checkpointing",
         "training.torch_compile",
+        "training.fused_kernels",
         "training.offload_activations",
     }
 )

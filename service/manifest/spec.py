@@ -162,18 +162,20 @@ class TrainingSpec(Strict):
     )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: Optimizer = Field(
-        default="adamw_torch", description="Optimizer (transformers name)."
-    )
-    gradient_checkpointing: bool = Field(
-        default=True, description="Recompute activations in backward to save memory."
-    )
+    optimizer: Optimizer = Field(default="adamw_torch", description="transformers' name.")
+    gradient_checkpointing: bool = Field(default=True, description="Recompute activations.")
     torch_compile: bool = Field(
         default=False,
         description="Compile each decoder layer with torch.compile, fusing the elementwise work "
         "around the 4-bit matmuls (+17% tokens/s on a 7B shape, docs/performance.md) for "
-        "about 10 s of compiling at each start. Needs a CUDA GPU of compute capability "
-        ">= 8.0: the Triton that PyTorch ships no longer supports Turing (T4).",
+        "about 10 s of compiling at each start. Needs a GPU of compute capability >= 8.0 "
+        "(Triton no longer supports a T4) and a C compiler, which the image does not ship.",
+    )
+    fused_kernels: Literal["auto", "off", "require"] = Field(
+        default="auto",
+        description="Fused kernels (docs/performance.md), each probed against the code it "
+        "replaces, undone after training and listed in run.json's `kernels`. 'auto': those "
+        "that pass; 'off': none; 'require': fail at load (exit 2) if any falls back.",
     )
     offload_activations: bool = Field(
         default=False,

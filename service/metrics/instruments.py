@@ -179,6 +179,19 @@ class Instruments:
             registry=r,
         )
 
+        # The speed layer (service.fast): one series per replacement, a handful in all.
+        self.fused_kernels = Gauge(
+            "spotlora_fused_kernels",
+            "Modules each fused kernel replaced (0: none; run.json's kernels says why).",
+            ["kernel"],
+            registry=r,
+        )
+        self.fused_kernel_fallbacks = Gauge(
+            "spotlora_fused_kernel_fallbacks",
+            "Fused kernels that applied but fell back to the code they replace.",
+            registry=r,
+        )
+
         self.last_success = Gauge(
             "spotlora_last_success_timestamp_seconds",
             "Unix time the job last finished successfully. Pushed only, and only on success.",

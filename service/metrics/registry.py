@@ -181,6 +181,11 @@ class JobMetrics:
         if n > 0:
             self.m.rows_skipped_total.inc(n)
 
+    def fused_kernels(self, counts: dict[str, int], fallbacks: int) -> None:
+        for kernel, count in counts.items():
+            self.m.fused_kernels.labels(kernel=kernel).set(count)
+        self.m.fused_kernel_fallbacks.set(fallbacks)
+
     def sample_gpu(self) -> None:
         """Refresh the GPU gauges; does nothing on a machine without CUDA, and never raises."""
         try:

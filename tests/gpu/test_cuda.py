@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from tests.jobs import (
     adapter_tensors,
     at_step,
@@ -98,20 +99,26 @@ def test_torch_compile_trains_the_same_curve(
 def test_the_t4_kernel_path_trains_the_same_curve(
     tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Below compute capability 8.0 trl's LM-head loss runs on its PyTorch path instead of
-    its Triton kernel. The H200 runs both: the same job, in process, as each GPU would."""
+    """Below compute capability 8.0 trl's LM-head loss runs on its PyTorch path (through the
+    compiled fold) instead of its Triton kernel. The H100/H200 runs both: the same job, in
+    process, as each GPU would; trl's flag is its own again after each."""
     from trl.kernels import chunked_logprob
 
-    from service import kernels
+    from service.fast import policy
 
+    triton = chunked_logprob._TRITON_AVAILABLE
     losses = {}
     for t4 in (False, True):
-        monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", chunked_logprob._TRITON_AVAILABLE)
-        if t4:
-            monkeypatch.setattr(kernels, "triton_supported", lambda capability: False)
-        job = t4_job(tiny_model, tiny_data, tmp_path / f"out-{t4}")
-        losses[t4] = run_in_process(job, tmp_path, str(t4), monkeypatch)
-        assert chunked_logprob._TRITON_AVAILABLE is (not t4)
+        with monkeypatch.context() as patch:
+            if t4:
+                patch.setattr(policy, "TRITON_MIN_CAPABILITY", (99, 0))
+            out = tmp_path / f"out-{t4}"
+            losses[t4] = run_in_process(
+                t4_job(tiny_model, tiny_data, out), tmp_path, str(t4), patch
+            )
+        kernels = json.loads((out / "run.json").read_text())["kernels"]
+        assert kernels["triton_loss"] is (triton and not t4 and policy.c_compiler() is not None)
+        assert chunked_logprob._TRITON_AVAILABLE is triton
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
 
@@ -121,7 +128,7 @@ def test_offloaded_activations_come_back_bitwise_and_free_gpu_memory(
 ) -> None:
     from torch.utils.checkpoint import checkpoint
 
-    from service import offload
+    from service.fast import offload
 
     moved: list[bool] = []  # for each tensor moved, whether it is a weight or a view of one
     original = offload._pack
@@ -170,7 +177,7 @@ def test_a_job_with_offloaded_activations_trains_the_same_curve(
     tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fp16 as on a T4; every saved CUDA tensor moved (the tiny model's are all small)."""
-    from service import offload
+    from service.fast import offload
 
     moved: list[int] = []
     original = offload._pack
@@ -202,7 +209,7 @@ def test_compiled_kernels_compute_what_their_pytorch_ops_compute(
     hold to the models' own code), on a transposed view as the attention passes it; the
     rotary output is contiguous (for the grouped-query attention's view) and its gradient
     keeps the input's layout, so no copy follows."""
-    from service import elementwise
+    from service.fast import elementwise
 
     half = getattr(torch, dtype)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -228,38 +235,100 @@ def test_compiled_kernels_compute_what_their_pytorch_ops_compute(
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
 
 
-def test_fused_kernels_train_the_same_curve(
-    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The T4 job (trl's LM-head loss on its path without Triton) with the compiled kernels,
-    the one-addmm LoRA update and the grouped-query attention, and with the models', peft's
-    and trl's own code: the same curve (kernels need not be bitwise repeatable)."""
+def _patchable_globals() -> dict[str, object]:
     import transformers.models.llama.modeling_llama as llama
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from trl.kernels import chunked_logprob
 
-    from service import kernels
+    return {
+        "rotary": llama.apply_rotary_pos_emb,
+        "attention": dict(ALL_ATTENTION_FUNCTIONS._global_mapping),
+        "tiles": (chunked_logprob._forward_tile, chunked_logprob._backward_tile),
+        "triton": chunked_logprob._TRITON_AVAILABLE,
+    }
 
-    # What fusing changes process-wide, restored after the test.
-    monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb)
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
-    for name in ("_forward_tile", "_backward_tile", "_TRITON_AVAILABLE"):
-        monkeypatch.setattr(chunked_logprob, name, getattr(chunked_logprob, name))
-    monkeypatch.setattr(kernels, "triton_supported", lambda capability: False)
-    levers = ("fuse_rotary", "fuse_swiglu", "fuse_lora_updates", "fuse_grouped_attention")
-    losses = {}
-    for fused in (False, True):  # unfused first: fusing is process-wide
-        with monkeypatch.context() as patch:
-            if not fused:
-                for name in (*levers, "fuse_lm_head_loss"):
-                    patch.setattr(kernels, name, lambda model: 0)
-            job = t4_job(tiny_model, tiny_data, tmp_path / f"out-{fused}")
-            losses[fused] = run_in_process(job, tmp_path, str(fused), monkeypatch)
-    assert llama.apply_rotary_pos_emb.spotlora_original is not None
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"].spotlora_original is not None
-    assert chunked_logprob._forward_tile.spotlora_original is not None
-    for step, loss in losses[False].items():
-        assert losses[True][step] == pytest.approx(loss, rel=2e-3), step
+
+def test_fused_kernels_train_the_same_curve_as_off(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The T4 job (trl's LM-head loss on its path without Triton) with every replacement
+    required, then with fused_kernels off, in one process: fused first, which would leave
+    the second run on fused code if anything stayed patched. The same curve (kernels need
+    not be bitwise repeatable); off installs nothing."""
+    from service.fast import policy
+
+    monkeypatch.setattr(policy, "TRITON_MIN_CAPABILITY", (99, 0))  # as on a T4
+    stock = _patchable_globals()
+    losses, kernels = {}, {}
+    for mode in ("require", "off"):
+        job = t4_job(tiny_model, tiny_data, tmp_path / f"out-{mode}")
+        job["spec"]["training"]["fused_kernels"] = mode
+        losses[mode] = run_in_process(job, tmp_path, mode, monkeypatch)
+        record = json.loads((tmp_path / f"out-{mode}" / "run.json").read_text())
+        kernels[mode] = record["kernels"]
+        assert _patchable_globals() == stock, mode
+    assert set(kernels["require"]["installed"]) == set(EXPECTED_KERNELS)
+    assert kernels["off"]["installed"] == {}
+    for step, loss in losses["off"].items():
+        assert losses["require"][step] == pytest.approx(loss, rel=2e-3), step
+
+
+# What the tiny Llama takes on a GPU without Triton's compiler (a T4, or the image anywhere).
+EXPECTED_KERNELS = ("rms_norm", "lora", "rotary", "swiglu", "grouped_attention", "lm_head_loss")
+# The image's conditions: torch finds no CUDA toolkit (no CUDA_HOME, no nvcc, even where the
+# test machine has /usr/local/cuda), and a PATH with no C compiler on it.
+IMAGE_RUN = """
+import sys
+import torch.utils.cpp_extension as extension
+extension.CUDA_HOME = None
+try:
+    extension.include_paths("cuda")
+except OSError:
+    pass
+else:
+    sys.exit("the CUDA toolkit's include paths are still found")
+from service.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"], ids=["t4-path", "bf16"])
+def test_every_kernel_installs_in_the_images_conditions(
+    dtype: str, tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """No CUDA_HOME and no compiler, as in the spotlora image: with fused_kernels: require the
+    job fails (exit 2) if anything falls back, so exit 0 means every replacement installed;
+    Triton, which would need the compiler, is not used."""
+    import shutil
+    import subprocess
+    import sys
+
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    path = f"{Path(sys.executable).parent}:{bare}"
+    assert not any(shutil.which(cc, path=path) for cc in ("cc", "gcc", "clang"))
+    env = job_env(tmp_path / "cache", PATH=path)
+    for name in ("CUDA_HOME", "CUDA_PATH", "CC", "CXX"):
+        env.pop(name, None)
+    out = tmp_path / "out"
+    job = t4_job(tiny_model, tiny_data, out)
+    job["spec"]["quantization"]["compute_dtype"] = dtype
+    job["spec"]["training"]["fused_kernels"] = "require"
+    done = subprocess.run(
+        [sys.executable, "-c", IMAGE_RUN, "run", "-f", str(write(tmp_path / "job.yaml", job))],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    kernels = record["kernels"]
+    assert set(kernels["installed"]) == set(EXPECTED_KERNELS), kernels
+    assert kernels["fallbacks"] == {} and kernels["triton_loss"] is False
+    assert kernels["policy"]["c_compiler"] is None
+    assert record["compute_dtype"] == dtype
 
 
 def test_lm_head_loss_kernels_compute_what_trls_pytorch_folds_compute(
@@ -269,7 +338,8 @@ def test_lm_head_loss_kernels_compute_what_trls_pytorch_folds_compute(
     the kernels: two token blocks, a vocabulary in two tiles, entropy and top-1, fp16."""
     from trl.kernels import chunked_logprob
 
-    from service import kernels, logprob
+    from service.fast import logprob
+    from service.fast.policy import Policy
 
     monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", False)
     for name in ("_forward_tile", "_backward_tile"):
@@ -287,8 +357,10 @@ def test_lm_head_loss_kernels_compute_what_trls_pytorch_folds_compute(
         (grad,) = torch.autograd.grad(logprobs.sum(), h)
         return [logprobs, entropy, top1.float(), grad]
 
+    forward_tile = chunked_logprob._forward_tile
     expected = run()
-    assert kernels.fuse_lm_head_loss() == 1
+    assert logprob.applies(None, Policy(device="cuda", torch_version=(2, 13))) is None
+    assert logprob.install(None, Policy(device="cuda", compute_dtype="fp16")) == 1
     launched = []
     compiled = logprob.compiled
     monkeypatch.setattr(
@@ -302,6 +374,8 @@ def test_lm_head_loss_kernels_compute_what_trls_pytorch_folds_compute(
     torch.testing.assert_close(got[1], expected[1], rtol=1e-4, atol=1e-3)
     assert (got[2] != expected[2]).float().mean() < 1e-3  # ties may fall either way
     torch.testing.assert_close(got[3], expected[3], rtol=1e-2, atol=1e-3)
+    logprob.uninstall(None)
+    assert chunked_logprob._forward_tile is forward_tile
 
 
 @pytest.mark.parametrize("backend", ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"])
@@ -313,7 +387,7 @@ def test_grouped_query_attention_runs_on_a_t4s_kernels(
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from service import attention
+    from service.fast import attention
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     batch, heads, kv_heads, length = 4, 32, 8, 512

@@ -2,13 +2,14 @@
 
 On CUDA, kernels compiled at first use through NVRTC, which builds for the GPU at hand (a T4
 included; no Triton); on the CPU the same arithmetic as PyTorch ops, which the tests hold to
-the models' own code. service.kernels decides where they are used.
+the models' own code. service.fast.rotary and service.fast.swiglu install them.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
+
+from service.fast.nvrtc import compiled
 
 # Llama-style RoPE rotates each head's two halves: out1 = x1*c1 - x2*s1, out2 = x2*c2 + x1*s2,
 # and its gradient is the transpose: dx1 = g1*c1 + g2*s2, dx2 = g2*c2 - g1*s1. One thread per
@@ -38,25 +39,6 @@ extern "C" __global__ void spotlora_rope(
     out[oi + half] = store(x2 * c2 + x1 * sb);
   }
 }
-"""
-TYPES = {  # storage type; float from it; it from float, rounding to nearest even
-    "float16": (
-        "unsigned short",
-        'float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v)); return f;',
-        'T v; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f)); return v;',
-    ),
-    "bfloat16": (
-        "unsigned short",
-        "return __uint_as_float(((unsigned int)v) << 16);",
-        "unsigned int u = __float_as_uint(f);"
-        " if ((u & 0x7fffffffu) > 0x7f800000u) return (T)((u >> 16) | 0x40u);"
-        " u += 0x7fffu + ((u >> 16) & 1u); return (T)(u >> 16);",
-    ),
-    "float32": ("float", "return v;", "return f;"),
-}
-TYPE_FUNCTIONS = """
-__device__ __forceinline__ float load(T v) { LOAD }
-__device__ __forceinline__ T store(float f) { STORE }
 """
 ROPE_BLOCK = 256
 # silu(gate) * up and its gradient: plain elementwise, so jiterator's vectorized kernels.
@@ -112,30 +94,6 @@ class Elementwise:
         return out
 
 
-_COMPILED: dict[tuple[str, Any], Any] = {}
-_THREAD = threading.local()
-
-
-def compiled(source: str, name: str, dtype: Any) -> Any:
-    """The CUDA kernel `name` of `source` for tensors of `dtype` (its T, with load() and
-    store() to and from float), compiled through NVRTC at first use."""
-    import torch
-
-    if not getattr(_THREAD, "context", False):
-        # The kernel is launched through the driver API, which needs the device's context
-        # current on this thread; the runtime makes it so at the thread's first call, which
-        # an autograd worker thread may not have made yet.
-        torch.cuda.current_stream().query()
-        _THREAD.context = True
-    if (name, dtype) not in _COMPILED:
-        storage, load, store = TYPES[str(dtype).removeprefix("torch.")]
-        code = TYPE_FUNCTIONS.replace("LOAD", load).replace("STORE", store)
-        _COMPILED[name, dtype] = torch.cuda._compile_kernel(
-            f"typedef {storage} T;\n{code}{source}", name
-        )
-    return _COMPILED[name, dtype]
-
-
 def _rope_ops(x: Any, cos: Any, sin: Any, backward: bool) -> Any:
     import torch
 
@@ -183,7 +141,7 @@ def rotary_function() -> Any:
             ctx.save_for_backward(cos, sin)
             ctx.layout = x.stride()
             # Contiguous (batch, heads, length, dim), whatever x's layout: the grouped-query
-            # attention (service.attention) then lays a key/value head's query heads one after
+            # attention (service.fast.attention) then lays a key/value head's query heads one after
             # another along the length by a view.
             out = x.new_empty(x.shape)
             return elementwise(x.is_cuda).rope(x, cos, sin, out, backward=False)

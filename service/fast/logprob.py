@@ -1,5 +1,6 @@
-"""trl's chunked LM-head loss on a GPU without Triton (a T4): each logits tile folded by one
-compiled kernel each way instead of trl's PyTorch tile functions.
+"""trl's chunked LM-head loss on a GPU without Triton (a T4, or any GPU without a C compiler
+for Triton's launchers): each logits tile folded by one compiled kernel each way instead of
+trl's PyTorch tile functions, set in trl's module for the run and put back by uninstall.
 
 trl projects 4,096 tokens at a time through the LM head and folds each logits tile into
 per-token running statistics (online log-sum-exp, the target's logit, the entropy's and
@@ -15,7 +16,13 @@ import inspect
 import struct
 from typing import Any
 
-from service.elementwise import compiled
+from service.fast import probe as checks
+from service.fast.nvrtc import compiled
+from service.fast.policy import Policy
+
+NAME = "lm_head_loss"
+_TILE_FUNCTIONS = ("_forward_tile", "_backward_tile")
+_SAVED: dict[str, Any] = {}  # trl's own values while the run's are set
 
 # One block per token: each thread folds a strided share of the tile's columns into its own
 # running statistics, the block merges them, and one thread merges the block's into the
@@ -247,21 +254,22 @@ def matches_trl(original: Any, names: list[str]) -> bool:
     return list(inspect.signature(original).parameters) == names
 
 
-def probe(folds: list[tuple[str, Any, Any]]) -> list[list[Any]]:
-    """trl's folds and these on two random fp16 tiles of one row block, called as trl calls
-    them: the running statistics after both, then the gradient tile; trl's results first."""
+def probe(folds: list[tuple[str, Any, Any]], dtype: Any, scale: float, softcap: Any) -> Any:
+    """trl's folds and these on two random tiles of one row block in the run's tile dtype,
+    logit scale and soft-capping, called as trl calls them: the running statistics after
+    both, then the gradient tile; trl's results first."""
     import torch
 
     (_, forward, fused_forward), (_, backward, fused_backward) = folds
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows, cols = 5, 300
-    tiles = [(torch.randn(rows, cols, generator=gen) * 4).cuda().half() for _ in range(2)]
+    tiles = [(torch.randn(rows, cols, generator=gen) * 4).cuda().to(dtype) for _ in range(2)]
     targets = torch.tensor([3, 299, 300, 450, 599]).cuda()
     flags = dict(
-        HAS_SOFTCAP=False, HAS_ENTROPY=True, HAS_LOG_SUM_SQ_PROBS=True, HAS_MEAN_LOGITS=True,
-        HAS_IS_TOP1=True, BLOCK_SIZE=1024,
+        HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=True, HAS_LOG_SUM_SQ_PROBS=True,
+        HAS_MEAN_LOGITS=True, HAS_IS_TOP1=True, BLOCK_SIZE=1024,
     )  # fmt: skip
-    scalars = dict(logit_scale=1.0, softcap=1.0, inv_t=1.0)
+    scalars = dict(logit_scale=scale, softcap=softcap or 1.0, inv_t=1.0)
     results = []
     for fold, fold_back in ((forward, backward), (fused_forward, fused_backward)):
         stats = [torch.full((rows,), -torch.inf, device="cuda")]
@@ -275,8 +283,74 @@ def probe(folds: list[tuple[str, Any, Any]]) -> list[list[Any]]:
         tile = tiles[1].clone()
         fold_back(
             tile, tile.stride(0), targets, log_z, entropy, grad, grad * 0.5, cols, cols,
-            **scalars, HAS_SOFTCAP=False, HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=True,
-            BLOCK_SIZE=1024,
+            **scalars, HAS_SOFTCAP=flags["HAS_SOFTCAP"], HAS_LOGPROB_GRAD=True,
+            HAS_ENTROPY_GRAD=True, BLOCK_SIZE=1024,
         )  # fmt: skip
         results.append([*stats, tile.float()])
     return results
+
+
+def _trl() -> Any:
+    try:
+        from trl.kernels import chunked_logprob
+    except ImportError:  # a trl without the chunked loss has nothing to replace or switch
+        return None
+    return chunked_logprob
+
+
+def use_triton(policy: Policy) -> bool:
+    """trl reads _TRITON_AVAILABLE at each call to choose its Triton kernel or its PyTorch
+    path: off for the run where Triton cannot run here (below compute capability 8.0, or no
+    C compiler for its launchers, which would fail the first step). Whether it runs."""
+    trl = _trl()
+    if trl is None or policy.device != "cuda":
+        return False
+    if policy.triton(trl._TRITON_AVAILABLE):
+        return True
+    if trl._TRITON_AVAILABLE:
+        _SAVED.setdefault("_TRITON_AVAILABLE", trl._TRITON_AVAILABLE)
+        trl._TRITON_AVAILABLE = False
+    return False
+
+
+def applies(model: Any, policy: Policy) -> str | None:
+    if reason := policy.cuda_kernels():
+        return reason
+    trl = _trl()
+    if trl is None:
+        return "this trl has no chunked LM-head loss"
+    if trl._TRITON_AVAILABLE:
+        return "trl's Triton kernel computes it here"
+    return None
+
+
+def install(model: Any, policy: Policy) -> int:
+    """Both of trl's PyTorch tile folds through the kernels, after a probe in the run's tile
+    dtype (the compute dtype) with the model's logit scale and soft-capping. 1 if done."""
+    trl = _trl()
+    folds = []
+    for name, names, make in (
+        ("_forward_tile", FORWARD_PARAMETERS, fold_forward),
+        ("_backward_tile", BACKWARD_PARAMETERS, fold_backward),
+    ):
+        current = getattr(trl, name, None)
+        original = getattr(current, "spotlora_original", current)
+        if original is None or not matches_trl(original, names):
+            raise checks.Fallback(f"trl's {name} is not the one these kernels were written for")
+        folds.append((name, original, make(original)))
+    config = model.config.get_text_config() if hasattr(model, "config") else None
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    checks.check(probe, folds, checks.dtype(policy.compute_dtype), scale, softcap)
+    for name, original, fold in folds:
+        _SAVED.setdefault(name, original)
+        setattr(trl, name, fold)
+    return 1
+
+
+def uninstall(model: Any) -> None:
+    """trl's tile functions and its Triton flag as they were."""
+    trl = _trl()
+    while trl is not None and _SAVED:
+        name, value = _SAVED.popitem()
+        setattr(trl, name, value)

@@ -1,11 +1,19 @@
-"""Grouped-query attention without repeating the key/value heads, as transformers' "sdpa"
-attention function (service.kernels installs it after a probe)."""
+"""Grouped-query attention without repeating the key/value heads, in place of transformers'
+"sdpa" attention for the run's model only: registered under its own key in transformers'
+attention interface (and the mask interface, with sdpa's masks), the model's config pointed
+at it, and pointed back by uninstall. The "sdpa" entry itself is never changed."""
 
 from __future__ import annotations
 
 import types
 from collections.abc import Callable
 from typing import Any
+
+from service.fast import probe as checks
+from service.fast.policy import Policy
+
+NAME = "grouped_attention"
+KEY = "spotlora_grouped_sdpa"
 
 
 def grouped_query_attention(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -77,13 +85,15 @@ def _repeat_rows(mask: Any, groups: int, dtype: Any) -> Any:
     return rows
 
 
-def probe(fused: Callable[..., Any], original: Callable[..., Any], ref: Any) -> list[list[Any]]:
+def probe(fused: Callable[..., Any], original: Callable[..., Any], ref: Any, shape: Any) -> Any:
     """Both on the same queries, keys, values and a block-diagonal causal mask (two packed
-    sequences a row): the original's outputs and input gradients, then the fused one's."""
+    sequences a row), with the model's groups, head size and scale: the original's outputs
+    and input gradients, then the fused one's."""
     import torch
 
+    groups, head_dim, scaling = shape
     gen = torch.Generator(device="cpu").manual_seed(0)
-    module = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=True)
+    module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=True)
     length = 10
     position = torch.arange(length)
     document = (position >= 4).long()
@@ -93,11 +103,71 @@ def probe(fused: Callable[..., Any], original: Callable[..., Any], ref: Any) -> 
     def rand(*shape: int) -> Any:
         return torch.randn(*shape, generator=gen).to(device=ref.device, dtype=ref.dtype)
 
-    inputs = rand(2, 6, length, 16), rand(2, 2, length, 16), rand(2, 2, length, 16)
-    grad = rand(2, length, 6, 16)
+    heads = 2 * groups
+    inputs = rand(2, heads, length, head_dim), *(rand(2, 2, length, head_dim) for _ in "kv")
+    grad = rand(2, length, heads, head_dim)
     results = []
     for fn in (original, fused):
         q, k, v = (t.clone().requires_grad_() for t in inputs)
-        out, _ = fn(module, q, k, v, mask, dropout=0.0, scaling=0.25)
+        out, _ = fn(module, q, k, v, mask, dropout=0.0, scaling=scaling)
         results.append([out, *torch.autograd.grad(out, (q, k, v), grad)])
     return results
+
+
+def _grouped(model: Any) -> list[Any]:
+    return [
+        m
+        for m in model.modules()
+        if checks.is_attention(m)
+        and getattr(m, "num_key_value_groups", 1) > 1
+        and hasattr(m, "head_dim")
+        and hasattr(m, "scaling")
+    ]
+
+
+def _pretrained(model: Any) -> Any:
+    """The transformers model under peft's wrapper, whose config the attention reads."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def applies(model: Any, policy: Policy) -> str | None:
+    if reason := policy.cuda_kernels():
+        return reason
+    implementation = getattr(_pretrained(model).config, "_attn_implementation", None)
+    if implementation not in ("sdpa", KEY):
+        return f"the model's attention is {implementation!r}, not sdpa"
+    if not _grouped(model):
+        return "no grouped-query attention (as many key/value heads as query heads)"
+    return None
+
+
+def install(model: Any, policy: Policy) -> int:
+    """After a probe in the compute dtype with the model's own head shape and scale, the
+    model's attention through grouped_query_attention; returns how many attention modules
+    have grouped heads."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    grouped = _grouped(model)
+    first = grouped[0]
+    shape = (first.num_key_value_groups, first.head_dim, first.scaling)
+    fused = grouped_query_attention(sdpa_attention_forward)
+    ref = next(model.parameters()).new_empty(0, dtype=checks.dtype(policy.compute_dtype))
+    checks.check(probe, fused, sdpa_attention_forward, ref, shape)
+    AttentionInterface.register(KEY, fused)
+    AttentionMaskInterface.register(KEY, sdpa_mask)
+    _pretrained(model).set_attn_implementation(KEY)
+    return len(grouped)
+
+
+def uninstall(model: Any) -> None:
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    pretrained = _pretrained(model)
+    if getattr(pretrained.config, "_attn_implementation", None) == KEY:
+        pretrained.set_attn_implementation("sdpa")
+    AttentionInterface._global_mapping.pop(KEY, None)
+    AttentionMaskInterface._global_mapping.pop(KEY, None)

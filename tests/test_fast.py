@@ -1,4 +1,5 @@
-"""Fused kernels: the same numbers as the models' own code, and none a T4 cannot run."""
+"""The speed layer: the same numbers as the models' own code, none a T4 or the image cannot
+run, and nothing left patched once the run's training is over."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from typing import Any
 import pytest
 import torch
 
-from service import attention, kernels
+from service import fast
+from service.errors import ManifestError
+from service.fast import attention, elementwise, logprob, lora, rms_norm, rotary, swiglu
+from service.fast.policy import Policy
+from service.fast.probe import Fallback
+
+CPU = Policy()  # fp32 on the CPU, as the CPU tests train
+# The compiled kernels' arithmetic as PyTorch ops: a policy that lets them apply on the CPU.
+AS_ON_CUDA = Policy(device="cuda", torch_version=(2, 13))
 
 
 def _loss_and_grads(model: Any, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
@@ -26,7 +35,7 @@ def test_fused_rms_norm_gives_the_same_loss_and_gradients(tiny_model: Path) -> N
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     loss, grads = _loss_and_grads(model)
-    assert kernels.fuse_rms_norms(model) == model.config.num_hidden_layers * 2 + 1
+    assert rms_norm.install(model, CPU) == model.config.num_hidden_layers * 2 + 1
     fused_loss, fused_grads = _loss_and_grads(model)
     assert fused_loss == loss
     assert fused_grads.keys() == grads.keys()
@@ -46,15 +55,21 @@ class LlamaRMSNorm(torch.nn.Module):
         return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def test_a_norm_that_computes_otherwise_is_not_replaced() -> None:
+def test_a_norm_that_computes_otherwise_falls_back_and_keeps_its_forward() -> None:
     model = torch.nn.Sequential(LlamaRMSNorm())
-    assert kernels.fuse_rms_norms(model) == 0
+    with pytest.raises(Fallback, match="output differs"):
+        rms_norm.install(model, CPU)
+    assert "forward" not in model[0].__dict__
 
 
-def test_triton_only_from_compute_capability_8() -> None:
-    assert not kernels.triton_supported((7, 5))  # T4
-    assert kernels.triton_supported((8, 0)) and kernels.triton_supported((9, 0))
-    assert not kernels.triton_supported(None)
+def test_triton_only_from_compute_capability_8_with_a_compiler() -> None:
+    gpu = Policy(device="cuda", c_compiler="/usr/bin/gcc")
+    assert not Policy(device="cuda", capability=(7, 5), c_compiler="/usr/bin/gcc").triton(True)
+    assert Policy(device="cuda", capability=(8, 0), c_compiler="/usr/bin/gcc").triton(True)
+    h100 = Policy(device="cuda", capability=(9, 0), c_compiler="/usr/bin/gcc")
+    assert h100.triton(True) and not h100.triton(False)  # no Triton installed
+    assert not Policy(device="cuda", capability=(9, 0), c_compiler=None).triton(True)  # image
+    assert not gpu.triton(True)  # no capability known
 
 
 def test_fused_rotary_and_swiglu_give_the_same_loss_and_gradients(
@@ -68,17 +83,21 @@ def test_fused_rotary_and_swiglu_give_the_same_loss_and_gradients(
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     loss, grads = _loss_and_grads(model)
     monkeypatch.setattr(llama, "apply_rotary_pos_emb", llama.apply_rotary_pos_emb)
-    assert kernels.fuse_rotary(model) == 1
-    assert kernels.fuse_swiglu(model) == model.config.num_hidden_layers
+    assert rotary.install(model, AS_ON_CUDA) == 1
+    assert swiglu.install(model, AS_ON_CUDA) == model.config.num_hidden_layers
     assert llama.apply_rotary_pos_emb.spotlora_original is not None
     fused_loss, fused_grads = _loss_and_grads(model)
     assert fused_loss == pytest.approx(loss, rel=1e-5)
     assert fused_grads.keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert kernels.fuse_rotary(model) == 1  # again: wraps the original, not itself
+    assert rotary.install(model, AS_ON_CUDA) == 1  # again: wraps the original, not itself
     assert llama.apply_rotary_pos_emb.spotlora_original.__name__ == "apply_rotary_pos_emb"
     assert not hasattr(llama.apply_rotary_pos_emb.spotlora_original, "spotlora_original")
+    rotary.uninstall(model)
+    swiglu.uninstall(model)
+    assert not hasattr(llama.apply_rotary_pos_emb, "spotlora_original")
+    assert _loss_and_grads(model)[0] == loss
 
 
 def test_a_kernel_that_cannot_be_built_leaves_the_models_code(
@@ -88,8 +107,6 @@ def test_a_kernel_that_cannot_be_built_leaves_the_models_code(
     import transformers.models.llama.modeling_llama as llama
     from transformers import AutoModelForCausalLM
 
-    from service import elementwise
-
     def missing(*args: Any, **kwargs: Any) -> Any:
         raise AttributeError("module 'torch.cuda' has no attribute '_compile_kernel'")
 
@@ -97,7 +114,8 @@ def test_a_kernel_that_cannot_be_built_leaves_the_models_code(
     monkeypatch.setattr(elementwise.Elementwise, "rope", missing)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     original = llama.apply_rotary_pos_emb
-    assert kernels.fuse_rotary(model) == 0
+    with pytest.raises(Fallback, match=r"AttributeError: module 'torch\.cuda'"):
+        rotary.install(model, AS_ON_CUDA)
     assert llama.apply_rotary_pos_emb is original
     _loss_and_grads(model)
 
@@ -116,8 +134,7 @@ def test_a_bf16_mlp_of_a_7b_width_takes_the_fused_swiglu() -> None:
         torch.nn.init.normal_(weight, std=0.08)
     torch.nn.init.normal_(mlp.down_proj.weight, std=0.02)
     model = torch.nn.Sequential(mlp.to(torch.bfloat16))
-    model.config = config  # type: ignore[assignment]
-    assert kernels.fuse_swiglu(model) == 1
+    assert swiglu.install(model, Policy(compute_dtype="bf16", residual_dtype="bf16")) == 1
 
 
 def test_a_rotary_embedding_of_another_form_is_left_alone(
@@ -137,7 +154,8 @@ def test_a_rotary_embedding_of_another_form_is_left_alone(
 
     monkeypatch.setattr(llama, "apply_rotary_pos_emb", interleaved)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    assert kernels.fuse_rotary(model) == 0
+    with pytest.raises(Fallback, match="output differs"):
+        rotary.install(model, AS_ON_CUDA)
     assert llama.apply_rotary_pos_emb is interleaved
 
 
@@ -183,7 +201,7 @@ def test_lora_update_as_one_addmm_matches_peft(
     base, adapted = logits(True), logits(False)
     peft_model.train()
     loss, grads = _loss_and_grads(peft_model, seed=5)
-    layers = kernels.fuse_lora_updates(peft_model)
+    layers = lora.install(peft_model, CPU)
     assert layers == 4 * model.config.num_hidden_layers  # q, k, v, o
     peft_model.train()
     fused_loss, fused_grads = _loss_and_grads(peft_model, seed=5)
@@ -265,7 +283,7 @@ def test_checkpointing_does_not_recompute_the_last_projections_4bit_matmul(
     loss, grads, peft_calls = run()
     layers = model.config.num_hidden_layers
     assert peft_calls["down_proj"] == peft_calls["gate_proj"] == 2 * layers  # recomputed
-    assert kernels.fuse_lora_updates(model) == 7 * layers
+    assert lora.install(model, CPU) == 7 * layers
     fused_loss, fused_grads, fused_calls = run()
     assert fused_calls["gate_proj"] == 2 * layers
     assert fused_calls["down_proj"] == layers  # the forward's only
@@ -288,16 +306,19 @@ def _packed_loss_and_grads(model: Any) -> tuple[float, dict[str, torch.Tensor]]:
     return float(out.loss), grads
 
 
-def test_grouped_query_attention_without_repeated_heads_matches(
+def test_grouped_query_attention_without_repeated_heads_matches_for_this_model_only(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The tiny Llama has two query heads per key/value head. Under a mask (padding, packed
-    sequences) the fused attention gives the same loss and gradients, through its own path."""
+    sequences) the fused attention gives the same loss and gradients, through its own path,
+    registered under its own key for this model: "sdpa" itself is never changed, and another
+    model in the process keeps it."""
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    stock = ALL_ATTENTION_FUNCTIONS["sdpa"]
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    other = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     assert model.config._attn_implementation == "sdpa"
     loss, grads = _packed_loss_and_grads(model)
     repeated = []
@@ -307,7 +328,10 @@ def test_grouped_query_attention_without_repeated_heads_matches(
         "_repeat_rows",
         lambda mask, groups, dtype: repeated.append(groups) or repeat_rows(mask, groups, dtype),
     )
-    assert kernels.fuse_grouped_attention(model) == model.config.num_hidden_layers
+    assert attention.applies(model, AS_ON_CUDA) is None
+    assert attention.install(model, AS_ON_CUDA) == model.config.num_hidden_layers
+    assert model.config._attn_implementation == attention.KEY
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is stock
     repeated.clear()  # the probe's
     fused_loss, fused_grads = _packed_loss_and_grads(model)
     assert repeated == [2] * model.config.num_hidden_layers
@@ -315,14 +339,29 @@ def test_grouped_query_attention_without_repeated_heads_matches(
     assert fused_grads.keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert kernels.fuse_grouped_attention(model) == model.config.num_hidden_layers  # again
-    assert not hasattr(ALL_ATTENTION_FUNCTIONS["sdpa"].spotlora_original, "spotlora_original")
-    # Process-wide, it must leave a torch.compile'd model (training.torch_compile) its own
-    # attention: while Inductor traces, it hands every call to the original.
     repeated.clear()
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _packed_loss_and_grads(other)[0] == pytest.approx(loss, rel=1e-5)
+    assert repeated == []  # the other model runs sdpa
+    # A torch.compile'd model (training.torch_compile) keeps its own attention: while
+    # Inductor traces, it hands every call to the original.
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert _packed_loss_and_grads(model)[0] == pytest.approx(loss, rel=1e-5)
+    assert repeated == []
+    attention.uninstall(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert attention.KEY not in ALL_ATTENTION_FUNCTIONS
     assert _packed_loss_and_grads(model)[0] == pytest.approx(loss, rel=1e-5)
     assert repeated == []
+
+
+def test_attention_other_than_sdpa_is_not_replaced(tiny_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model, dtype=torch.float32, attn_implementation="eager"
+    )
+    assert "'eager', not sdpa" in (attention.applies(model, AS_ON_CUDA) or "")
 
 
 def test_trls_tile_functions_are_the_ones_the_loss_kernels_replace(
@@ -331,8 +370,6 @@ def test_trls_tile_functions_are_the_ones_the_loss_kernels_replace(
     """The installed trl's PyTorch folds take the parameters the kernels were written for;
     wrapped, a CPU tile still goes through them, called as trl calls them."""
     from trl.kernels import chunked_logprob
-
-    from service import logprob
 
     forward, backward = chunked_logprob._forward_tile, chunked_logprob._backward_tile
     assert logprob.matches_trl(forward, logprob.FORWARD_PARAMETERS)
@@ -353,13 +390,200 @@ def test_trls_tile_functions_are_the_ones_the_loss_kernels_replace(
     monkeypatch.setattr(chunked_logprob, "_backward_tile", logprob.fold_backward(backward))
     for got, want in zip(run(), expected, strict=True):
         torch.testing.assert_close(got, want)
-    assert kernels.fuse_lm_head_loss() == 0  # no CUDA here
+    assert logprob.applies(None, CPU) == "no CUDA GPU: the models' own code runs on the CPU"
 
 
-def test_a_t4_takes_trls_pytorch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "policy",
+    [
+        Policy(device="cuda", capability=(7, 5), c_compiler="/usr/bin/gcc"),  # a T4
+        Policy(device="cuda", capability=(9, 0), c_compiler=None),  # the image on an H100
+    ],
+    ids=["t4", "no-compiler"],
+)
+def test_trls_triton_loss_is_off_for_the_run_where_triton_cannot_run(
+    policy: Policy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a compiler Triton fails the first step building its launcher (exit 1): trl's
+    PyTorch path instead, and trl's flag as it was once the run's training is over."""
     from trl.kernels import chunked_logprob
 
     monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", True)
-    kernels.use_triton_kernels(False)
+    assert logprob.use_triton(policy) is False
     assert chunked_logprob._TRITON_AVAILABLE is False
     assert not chunked_logprob._use_triton(torch.device("cuda"))
+    logprob.uninstall(None)
+    assert chunked_logprob._TRITON_AVAILABLE is True
+    h100 = Policy(device="cuda", capability=(9, 0), c_compiler="/usr/bin/gcc")
+    assert logprob.use_triton(h100) is True and chunked_logprob._TRITON_AVAILABLE is True
+
+
+def test_a_compiler_that_cannot_build_an_extension_is_no_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.fast import policy
+
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    assert policy.c_compiler() is None
+    assert "does not build" in policy.c_compiler_missing()
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC")
+    assert policy.c_compiler() is None
+
+
+def _globals() -> dict[str, Any]:
+    """What a fused run may change outside its own model, by name."""
+    import transformers.models.llama.modeling_llama as llama
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from trl.kernels import chunked_logprob
+
+    return {
+        "llama.apply_rotary_pos_emb": llama.apply_rotary_pos_emb,
+        "attention": dict(ALL_ATTENTION_FUNCTIONS._global_mapping),
+        "masks": dict(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping),
+        "trl._forward_tile": chunked_logprob._forward_tile,
+        "trl._backward_tile": chunked_logprob._backward_tile,
+        "trl._TRITON_AVAILABLE": chunked_logprob._TRITON_AVAILABLE,
+    }
+
+
+def _own_forwards(model: Any) -> list[str]:
+    return [name for name, m in model.named_modules() if "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("mode", ["auto", "require"])
+def test_fuse_reports_and_uninstall_leaves_nothing_patched(
+    tiny_model: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every replacement on the real 4-bit model with adapters, as a GPU without a compiler
+    would take them (the compiled kernels' arithmetic as PyTorch ops on the CPU); the LM-head
+    loss, probed on CUDA, falls back here. Once undone, no global is patched and every module
+    runs its class's forward; with "require" the fallback fails the run (exit 2), naming it,
+    and nothing stays installed either."""
+    from trl.kernels import chunked_logprob
+
+    monkeypatch.setattr(chunked_logprob, "_TRITON_AVAILABLE", True)  # as where Triton is
+    model = _quantized_lora(tiny_model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    before, loss = _globals(), _loss_and_grads(model, seed=5)[0]
+    assert not _own_forwards(model)
+    policy = Policy(mode=mode, device="cuda", capability=(9, 0), torch_version=(2, 13))
+    if mode == "require":
+        with pytest.raises(ManifestError, match=r"require, but lm_head_loss: .*CUDA") as err:
+            fast.fuse(model, policy)
+        assert ManifestError.exit_code == 2 and "\n" not in str(err.value)
+    else:
+        report = fast.fuse(model, policy)
+        layers = model.config.num_hidden_layers
+        assert report.installed == {
+            "rms_norm": 2 * layers + 1,
+            "lora": 5 * layers,
+            "rotary": 1,
+            "swiglu": layers,
+            "grouped_attention": layers,
+        }
+        assert list(report.fallbacks) == ["lm_head_loss"] and not report.triton
+        assert report.as_dict()["policy"]["c_compiler"] is None
+        assert fast.report(model) is report
+        assert _globals() != before and _own_forwards(model)
+        assert _loss_and_grads(model, seed=5)[0] == pytest.approx(loss, rel=1e-5)
+        fast.uninstall(model)
+    assert _globals() == before
+    assert not _own_forwards(model)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    assert _loss_and_grads(model, seed=5)[0] == loss
+    fast.uninstall(model)  # twice is harmless
+
+
+def test_off_installs_nothing_and_says_so(tiny_model: Path) -> None:
+    model = _quantized_lora(tiny_model, ["q_proj"])
+    report = fast.fuse(model, Policy(mode="off", device="cuda", torch_version=(2, 13)))
+    assert report.installed == {} and report.fallbacks == {}
+    assert set(report.not_applicable.values()) == {"training.fused_kernels: off"}
+    assert set(report.not_applicable) == set(fast.NAMES)
+    assert not _own_forwards(model)
+
+
+def test_the_lora_probe_catches_an_update_that_differs(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe runs the update, forward and backward, on the model's own layer: a wrong
+    scaling is caught before any layer is replaced."""
+    model = _quantized_lora(tiny_model, ["q_proj"], dropout=0.0)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    monkeypatch.setitem(layer.scaling, "default", layer.scaling["default"])
+    real = lora.lora_update
+
+    def doubled(self: Any, x: Any) -> Any:
+        self.scaling["default"] *= 2
+        try:
+            return real(self, x)
+        finally:
+            self.scaling["default"] /= 2
+
+    monkeypatch.setattr(lora, "lora_update", doubled)
+    with pytest.raises(Fallback, match="differs"):
+        lora.install(model, CPU)
+    assert not _own_forwards(model)
+
+
+def test_a_job_reports_its_kernels_and_off_trains_without_any(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the norms and the LoRA update apply; a norm kernel that computes otherwise
+    falls back (auto: the run goes on, run.json says why; require: exit 2 at load, naming
+    it); off installs nothing and says so. The metric carries the same counts."""
+    import json
+
+    from service.cli import main
+    from service.metrics.registry import JobMetrics
+    from tests.jobs import job_env, manifest, write_manifest
+
+    def wrong(self: Any, hidden_states: Any) -> Any:
+        return hidden_states * 2
+
+    gauges: list[tuple[dict[str, int], int]] = []
+    real_gauges = JobMetrics.fused_kernels
+    monkeypatch.setattr(
+        JobMetrics,
+        "fused_kernels",
+        lambda self, counts, fallbacks: (
+            gauges.append((counts, fallbacks)) or real_gauges(self, counts, fallbacks)
+        ),
+    )
+    monkeypatch.setattr(rms_norm, "fused_rms_norm", wrong)
+    for key, value in job_env(tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    records = {}
+    for mode in ("require", "auto", "off"):
+        out = tmp_path / f"out-{mode}"
+        job = manifest(mode, str(tiny_model), str(tiny_data), str(out))
+        job["spec"]["training"].update(fused_kernels=mode, max_steps=2)
+        code = main(["run", "-f", str(write_manifest(tmp_path / f"{mode}.yaml", job))])
+        assert code == (2 if mode == "require" else 0), mode
+        if code == 0:
+            records[mode] = json.loads((out / "run.json").read_text())["kernels"]
+    layers = 2
+    auto = records["auto"]
+    assert auto["mode"] == "auto" and auto["installed"] == {"lora": 4 * layers}
+    assert auto["fallbacks"]["rms_norm"].startswith("probe: the output differs")
+    assert auto["not_applicable"]["rotary"].startswith("no CUDA GPU")
+    off = records["off"]
+    assert off["installed"] == {} and off["fallbacks"] == {}
+    assert set(off["not_applicable"].values()) == {"training.fused_kernels: off"}
+    assert gauges[0] == ({**dict.fromkeys(fast.NAMES, 0), "lora": 4 * layers}, 1)
+    assert gauges[1] == (dict.fromkeys(fast.NAMES, 0), 0)
+
+
+def test_the_fused_kernel_gauges() -> None:
+    from service.metrics.registry import JobMetrics
+
+    metrics = JobMetrics("j")
+    metrics.fused_kernels({"rotary": 1, "swiglu": 0}, 2)
+    value = metrics.registry.get_sample_value
+    assert value("spotlora_fused_kernels", {"kernel": "rotary"}) == 1
+    assert value("spotlora_fused_kernels", {"kernel": "swiglu"}) == 0
+    assert value("spotlora_fused_kernel_fallbacks") == 2
