@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from service import ledger
+from service import estimate, ledger
 from service.attempts import AttemptLog
 from service.history import training_sha256
 from service.manifest import LoadedManifest
@@ -67,6 +67,7 @@ class RunFacts:
     promotion: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None  # samples and task metrics (service.evaluation)
     export: dict[str, Any] | None = None  # the merged model (service.export)
+    estimate: dict[str, Any] | None = None  # made at the start (service.estimate.run)
     trainer: Any = None  # once built: its state holds the steps and the log history
     _t0: float = field(default_factory=time.monotonic)
 
@@ -127,6 +128,13 @@ def build(
         "losses": losses(log_history),
         "evaluation": facts.evaluation,
         "export": facts.export,
+        "estimate": facts.estimate,
+        "throughput": estimate.measured(
+            facts.estimate,
+            facts.trainer,
+            facts.timings,
+            rows[-1]["setup_seconds"] if rows else None,
+        ),
         "checkpoints": checkpoints,
         "attempts": rows,
         "preemptions": preemptions(rows),

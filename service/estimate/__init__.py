@@ -182,11 +182,15 @@ def local_source(spec: JobSpec) -> bool:
 
 
 def measured(
-    started: dict[str, Any] | None, trainer: Any, timings: dict[str, float]
+    started: dict[str, Any] | None,
+    trainer: Any,
+    timings: dict[str, float],
+    setup_seconds: float | None,
 ) -> dict[str, Any] | None:
     """What this attempt's training measured, for the next estimates (run.json's
     ``throughput``): the workload the start-up estimate described, its tokens (trl's count
-    for this trainer: non-padding tokens) and its training seconds."""
+    for this trainer: non-padding tokens), its training seconds, and its start-up as the
+    ledger counts it (``setup_seconds``)."""
     if not started or trainer is None or "shape" not in started:
         return None
     tokens = float(getattr(trainer, "_total_train_tokens", 0) or 0)
@@ -201,5 +205,5 @@ def measured(
         "trained_tokens": int(tokens),
         "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds / started.get("world_size", 1), 3),
-        "setup_seconds": timings.get("setup_seconds"),
+        "setup_seconds": setup_seconds,
     }

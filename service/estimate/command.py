@@ -144,6 +144,9 @@ def main(args: Any, spec: JobSpec, settings: Any) -> ExitCode:
     """``settings``: service.settings.RuntimeSettings."""
     import sys
 
+    from service.logging import route_library_logging
+
+    route_library_logging(progress_bars=sys.stderr.isatty())
     table, prices = price_table(args.price_table or settings.price_table)
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     result = estimate_job(
