@@ -207,3 +207,14 @@ def measured(
         "tokens_per_second": round(tokens / seconds / started.get("world_size", 1), 3),
         "setup_seconds": setup_seconds,
     }
+
+
+def versus(estimate: dict[str, Any] | None, cost: dict[str, Any]) -> str:
+    """``runs list``'s columns: estimated/actual minutes (all attempts' wall time), and the
+    estimated spot cost (the actual is its COST column)."""
+    est = estimate or {}
+    wall, usd = est.get("wall_seconds"), est.get("spot_usd")
+    minutes = f"{wall / 60:.1f}" if isinstance(wall, int | float) else "-"
+    actual = cost.get("seconds")
+    minutes += f"/{actual / 60:.1f}" if isinstance(actual, int | float) else "/-"
+    return f"{minutes:>13} {f'{usd:.4f}' if isinstance(usd, int | float) else '-':>9}"
