@@ -19,7 +19,7 @@ from service.estimate.throughput import (
     prior_tokens_per_second,
 )
 from tests.conftest import REPO
-from tests.jobs import manifest, run_in_process, write_manifest
+from tests.jobs import manifest, run_in_process
 
 MISTRAL_7B = Shape(7_241_732_096, 4096, 32, 14336, 32000)
 
