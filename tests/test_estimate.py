@@ -165,7 +165,6 @@ def test_the_second_estimate_of_a_job_is_within_15_percent_of_the_first_run(
     job = manifest(
         "estimated", str(tiny_model), str(tiny_data), str(out), training={"max_steps": None}
     )
-    job["spec"]["training"]["epochs"] = 2
     run_in_process(job, tmp_path, "estimated", monkeypatch)
     record = json.loads((out / "run.json").read_text())
     trained = record["cost"]["trained_tokens"]
