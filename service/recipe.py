@@ -152,15 +152,8 @@ class FineTuneRun:
             past = self.retraining.history.interruptions() if self.retraining else (0.0, 0)
             self.safepoint.schedule.pace(ledger.interruptions(earlier), past)
             self.attempt.start()
-            self.facts.estimate = at_start(
-                self.spec,
-                self.trainer,
-                device.name,
-                self.model_dir,
-                instance,
-                price,
-                self.ranks.world_size,
-            )
+            where = (device.name, self.model_dir, instance, price, self.ranks.world_size)
+            self.facts.estimate = at_start(self.spec, self.trainer, *where)
         barrier()
         self._resume()
         self.facts.mark("setup")
