@@ -77,6 +77,27 @@ def _parser() -> argparse.ArgumentParser:
         help="also estimate peak GPU memory for a GPU of this size (15 for a T4), reading "
         "only the model's config.json; prints the micro-batch that 'auto' would pick",
     )
+    estimate = sub.add_parser(
+        "estimate", help="time and cost of a job per GPU type, before it runs"
+    )
+    manifest_args(estimate)
+    estimate.add_argument(
+        "--instance-type", action="append", default=[], metavar="T", help="price table entry"
+    )
+    estimate.add_argument(
+        "--history",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="earlier runs' output (repeatable); default: the job's output.uri",
+    )
+    estimate.add_argument(
+        "--price-table",
+        type=Path,
+        metavar="PATH",
+        help="default: $SPOTLORA_PRICE_TABLE, else illustrative prices",
+    )
+    estimate.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("schema", help="print the manifest's JSON Schema")
     sub.add_parser("example", help="print an example manifest")
     runs = sub.add_parser("runs", help="a job's runs: history, resume by hand, prune")
@@ -212,29 +233,6 @@ def _export_prompts(spec: JobSpec, cache_dir: Path) -> list[str]:
     return verification_prompts(dataset.eval or dataset.train, count)
 
 
-def memory_report(spec: JobSpec, gpu_memory_gib: float) -> str:
-    """YAML comments, so the output stays a valid manifest."""
-    from service.memory import auto_batch_size, preflight_estimate
-    from service.model import fetch_config
-
-    estimate = preflight_estimate(spec, fetch_config(spec.model))
-    limit = int(gpu_memory_gib * 2**30)
-    batch = spec.training.batch_size
-    if batch == "auto":
-        batch = auto_batch_size(estimate, limit)
-        how = f"batch_size auto -> {batch}"
-    else:
-        how = f"batch_size {batch}"
-    peak = estimate.total_bytes(batch) / 2**30
-    verdict = "fits" if peak <= gpu_memory_gib else "does NOT fit"
-    return (
-        f"# memory estimate for a {gpu_memory_gib:g} GiB GPU: {how}, "
-        f"max_length {spec.data.max_length}: peak ~{peak:.2f} GiB ({verdict}); "
-        f"fixed {estimate.fixed_bytes / 2**30:.2f} GiB + "
-        f"{estimate.per_sequence_bytes / 2**30:.3f} GiB per sequence\n"
-    )
-
-
 def dispatch(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
     if args.command == "schema":
         from service.manifest import FineTuneJob
@@ -267,8 +265,14 @@ def dispatch(args: argparse.Namespace, settings: RuntimeSettings) -> ExitCode:
         doc = loaded.job.model_dump(mode="json", by_alias=True)
         sys.stdout.write(yaml.safe_dump(doc, sort_keys=False))
         if args.gpu_memory_gib:
+            from service.estimate.command import memory_report
+
             sys.stdout.write(memory_report(loaded.job.spec, args.gpu_memory_gib))
         return ExitCode.OK
+    if args.command == "estimate":
+        from service.estimate.command import main as estimate
+
+        return estimate(args, loaded.job.spec, settings)
     from service.recipe import execute
 
     return execute(loaded, settings)

@@ -123,6 +123,14 @@ def index_entry(record: dict[str, Any]) -> dict[str, Any]:
         "steps": record.get("steps"),
         "losses": record.get("losses", {}),
         "cost": record.get("cost"),
+        "estimate": _estimated(record.get("estimate")),
+        "throughput": record.get("throughput"),
         "promoted": bool(promotion.get("promoted", False)),
         "reason": promotion.get("reason") or record.get("reason", ""),
     }
+
+
+def _estimated(estimate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The start-up estimate's figures, for estimated against actual in ``runs list``."""
+    keys = ("gpu", "tokens", "tokens_per_second", "train_seconds", "wall_seconds", "spot_usd")
+    return {k: estimate.get(k) for k in keys} if estimate else None

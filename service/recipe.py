@@ -23,6 +23,7 @@ from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, rows_sha256
 from service.checkpoint.store import CheckpointStore
 from service.distributed import barrier, init_process_group, ranks_from_env
 from service.errors import ExitCode, Preempted, Superseded
+from service.estimate.run import at_start
 from service.history import RunHistory
 from service.manifest import LoadedManifest
 from service.metrics.registry import JobMetrics, Phase
@@ -154,6 +155,8 @@ class FineTuneRun:
             past = self.retraining.history.interruptions() if self.retraining else (0.0, 0)
             self.safepoint.schedule.pace(ledger.interruptions(earlier), past)
             self.attempt.start()
+            where = (device.name, self.model_dir, instance, price, self.ranks.world_size)
+            self.facts.estimate = at_start(self.spec, self.trainer, *where)
         barrier()
         self._resume()
         self.facts.mark("setup")

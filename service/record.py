@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from service import ledger
+from service import estimate, ledger
 from service.attempts import AttemptLog
 from service.history import training_sha256
 from service.manifest import LoadedManifest
@@ -68,6 +68,7 @@ class RunFacts:
     evaluation: dict[str, Any] | None = None  # samples and task metrics (service.evaluation)
     export: dict[str, Any] | None = None  # the merged model (service.export)
     kernels: dict[str, Any] | None = None  # the speed layer's report (service.fast)
+    estimate: dict[str, Any] | None = None  # made at the start (service.estimate.run)
     trainer: Any = None  # once built: its state holds the steps and the log history
     _t0: float = field(default_factory=time.monotonic)
 
@@ -129,6 +130,13 @@ def build(
         "evaluation": facts.evaluation,
         "export": facts.export,
         "kernels": facts.kernels,
+        "estimate": facts.estimate,
+        "throughput": estimate.measured(
+            facts.estimate,
+            facts.trainer,
+            facts.timings,
+            rows[-1]["setup_seconds"] if rows else None,
+        ),
         "checkpoints": checkpoints,
         "attempts": rows,
         "preemptions": preemptions(rows),

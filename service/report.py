@@ -131,6 +131,28 @@ def summary(run_record: Mapping[str, Any]) -> dict[str, str]:
         "preemptions": str(counts["preempted"]),
         "resumes": str(counts["resumed"]),
         **_bill(run_record.get("cost") or {}),
+        **_against_estimate(run_record),
+    }
+
+
+def _against_estimate(run_record: Mapping[str, Any]) -> dict[str, str]:
+    """What the run estimated at its start (service.estimate) beside what it took."""
+    est = run_record.get("estimate") or {}
+    if not est:
+        return {}
+    cost = run_record.get("cost") or {}
+    measured = run_record.get("throughput") or {}
+
+    def pair(a: Any, b: Any, fmt: str) -> str:
+        return " / ".join("-" if (v := _finite(x)) is None else fmt.format(v) for x in (a, b))
+
+    wall, seconds = _finite(est.get("wall_seconds")), _finite(cost.get("seconds"))
+    return {
+        "tokens/s, estimated / measured": pair(
+            est.get("tokens_per_second"), measured.get("tokens_per_second"), "{:,.0f}"
+        ),
+        "minutes, estimated / actual": pair(wall and wall / 60, seconds and seconds / 60, "{:.1f}"),
+        "cost, estimated / actual": pair(est.get("spot_usd"), cost.get("total_usd"), "${:,.4f}"),
     }
 
 

@@ -175,6 +175,8 @@ def prune(args: argparse.Namespace) -> ExitCode:
 
 def show_runs(args: argparse.Namespace) -> ExitCode:
     """`runs list` and `runs show`: a scheduled job's history (output.per_run)."""
+    from service.estimate import versus
+
     try:
         check_storage_uri(args.uri)
     except ValueError as err:
@@ -196,7 +198,8 @@ def show_runs(args: argparse.Namespace) -> ExitCode:
     current = published["run_id"] if published else None
     sys.stdout.write(
         f"{'RUN':24} {'STARTED (UTC)':20} {'STATUS':10} {'STEPS':>6} {'EVAL LOSS':>10} "
-        f"{'ATTEMPTS':>8} {'COST $':>11} {'LOST $':>11} {'LOST MIN':>8}  PUBLISHED  REASON\n"
+        f"{'ATTEMPTS':>8} {'COST $':>11} {'LOST $':>11} {'LOST MIN':>8} "
+        f"{'MIN EST/ACT':>13} {'EST $':>9}  PUBLISHED  REASON\n"
     )
     for e in history.entries():
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["started_unix"]))
@@ -208,7 +211,8 @@ def show_runs(args: argparse.Namespace) -> ExitCode:
         sys.stdout.write(
             f"{e['run_id']:24} {started:20} {e['status']:10} {e.get('steps') or 0:>6} "
             f"{loss:>10} {cost.get('attempts', '-'):>8} {_dollars(cost.get('total_usd')):>11} "
-            f"{_dollars(cost.get('lost_to_preemption_usd')):>11} {lost_minutes:>8.1f}  "
+            f"{_dollars(cost.get('lost_to_preemption_usd')):>11} {lost_minutes:>8.1f} "
+            f"{versus(e.get('estimate'), cost)}  "
             f"{mark:9}  {e.get('reason', '')}\n"
         )
     return ExitCode.OK

@@ -166,16 +166,17 @@ def resolve_batch_size(spec: JobSpec, model: Any, *, on_cpu: bool) -> int:
 
 def pack_datasets(trainer: Any, max_length: int) -> None:
     """Best-fit-decreasing packing of the tokenized rows into sequences of max_length."""
+    trainer.train_dataset = pack_rows(trainer.train_dataset, max_length)
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = pack_rows(trainer.eval_dataset, max_length)
+
+
+def pack_rows(dataset: Any, max_length: int) -> Any:
     from trl.data_utils import pack_dataset
 
-    def pack(dataset: Any) -> Any:
-        # The prompt/completion text columns are spent once tokenized, and cannot be packed.
-        keep = [c for c in ("input_ids", "labels") if c in dataset.column_names]
-        return pack_dataset(dataset.select_columns(keep), max_length, strategy="bfd")
-
-    trainer.train_dataset = pack(trainer.train_dataset)
-    if trainer.eval_dataset is not None:
-        trainer.eval_dataset = pack(trainer.eval_dataset)
+    # The prompt/completion text columns are spent once tokenized, and cannot be packed.
+    keep = [c for c in ("input_ids", "labels") if c in dataset.column_names]
+    return pack_dataset(dataset.select_columns(keep), max_length, strategy="bfd")
 
 
 def _packed_sft_trainer() -> type:

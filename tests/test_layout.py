@@ -25,6 +25,7 @@ LAYERS = {
     "service.logging": 0,
     "service.signals": 0,
     "service.settings": 1,
+    "service.estimate.gpus": 0,
     # the job and where bytes live
     "service.manifest": 1,
     "service.manifest.spec": 1,
@@ -71,6 +72,9 @@ LAYERS = {
     "service.metrics.registry": 2,
     "service.metrics.instruments": 2,
     "service.metrics.phase": 2,
+    "service.estimate": 2,
+    "service.estimate.throughput": 2,
+    "service.estimate.past": 2,
     # what training and publishing are made of
     "service.model": 3,
     "service.trainer": 3,
@@ -86,8 +90,11 @@ LAYERS = {
     "service.tracking": 3,
     "service.evaluation": 3,
     "service.runs": 3,
+    "service.estimate.job": 3,
+    "service.estimate.run": 3,
     # the one module that wires them, and the command line above it
     "service.recipe": 4,
+    "service.estimate.command": 4,
     "service.cli": 5,
     "service.__main__": 5,
 }
