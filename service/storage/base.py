@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -60,3 +61,30 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(2**20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class file_lock:
+    """An advisory lock (flock) on ``path`` held for the block. The kernel releases it when
+    the process dies, so a SIGKILL never leaves it held (a lock file made with O_EXCL would
+    outlive its holder and block every later writer). The file itself stays: deleting it
+    would let a waiter lock a name another process has already replaced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
