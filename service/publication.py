@@ -1,7 +1,8 @@
 """A finished run's outputs, written in the order that makes a crash anywhere safe.
 
 1. The adapter's files (and a merged export, service.export). An older run.json is deleted
-   first: it must not vouch for new files.
+   first: it must not vouch for new files; so is an older merged/, which belongs to the
+   adapter being replaced (with export.merged off, nothing would replace it).
 2. PUBLISHED, when the promotion gate chose this run: conditional on the version the gate
    compared against, so a run that published meanwhile is never replaced unseen.
 3. run.json, once (If-None-Match): a reader that finds it finds everything it describes.
@@ -67,9 +68,13 @@ class Publisher:
         return record
 
     def upload_adapter(self, adapter: Path) -> None:
-        """Step 1. An older run.json is deleted first: it must not vouch for new files."""
+        """Step 1. An older run.json is deleted first: it must not vouch for new files; then
+        an older merged model, which belongs to the adapter being replaced."""
+        from service import export
+
         if self.output.head(RUN_RECORD) is not None:
             self.output.delete([RUN_RECORD])
+        export.withdraw(self.output)
         for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
             self.output.upload_file(path, f"{ADAPTER_DIR}/{path.relative_to(adapter).as_posix()}")
 

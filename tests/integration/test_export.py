@@ -202,8 +202,8 @@ def test_a_failed_verification_publishes_nothing(
     out = tmp_path / "out"
     (out / "merged").mkdir(parents=True)
     (out / EXPORT_RECORD).write_text('{"old": true}')
+    (out / "merged" / "model.safetensors").write_bytes(b"an older adapter's merged model")
     (out / "run.json").write_text("{}")
-    before = files_under(out)
     with pytest.raises(ExportMismatch, match=r"mean KL .* \(tolerance 1e-06\).*nothing was"):
         export_merged(
             job_spec(tiny_model, out, dtype="fp32"),
@@ -213,8 +213,9 @@ def test_a_failed_verification_publishes_nothing(
             LocalStorage(out),
             tmp_path / "work",
         )
-    # The old EXPORT.json is gone (it vouched for an older merge), nothing new arrived.
-    assert set(files_under(out)) == set(before) - {EXPORT_RECORD}
+    # The older merge is gone, its EXPORT.json and its model (neither belongs to this
+    # adapter), and nothing new arrived.
+    assert set(files_under(out)) == {"run.json"}
     assert not (tmp_path / "work" / "merged").exists()
 
 
