@@ -142,3 +142,22 @@ def test_a_lock_held_by_a_killed_process_does_not_block_the_next_writer(tmp_path
     holder.wait(timeout=10)
     waiting.join(5)
     assert contender and store.read_bytes("LATEST") == b"x"
+
+
+def test_the_lock_is_exclusive_and_leaves_no_file_behind(tmp_path: Path) -> None:
+    """Many writers race one conditional create: exactly one wins, and no lock file is left
+    in the store beside its objects."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = open_storage(str(tmp_path / "store"))
+
+    def create(i: int) -> bool:
+        try:
+            store.write_bytes("run.json", str(i).encode(), if_none_match=True)
+            return True
+        except PreconditionFailed:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(create, range(32))) == 1
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["run.json"]
