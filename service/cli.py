@@ -307,13 +307,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    from pydantic import ValidationError
+
     from service.logging import configure_logging
-    from service.settings import RuntimeSettings
+    from service.settings import RuntimeSettings, describe
 
     try:
         settings = RuntimeSettings()
-    except Exception as err:  # a malformed SPOTLORA_* variable
-        say(f"invalid environment: {err}")
+    except ValidationError as err:  # a malformed SPOTLORA_* variable
+        say(f"invalid environment: {describe(err)}")
         return ExitCode.INVALID_INPUT
     # Values to scrub from every log line, whatever key or library carries them.
     from service.tracking import SECRET_ENV_VARS

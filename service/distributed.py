@@ -137,38 +137,47 @@ def launcher_exit_code(worker_codes: Sequence[int]) -> ExitCode:
     return ExitCode.UNEXPECTED
 
 
-# The launcher's workers report rank 0's outcome here: when the launcher itself is signalled,
-# torchrun stops the workers and keeps no exit codes.
-OUTCOME_FILE_ENV = "SPOTLORA_OUTCOME_FILE"
+# Every worker leaves its exit code in this folder for its own node's launcher: when the
+# launcher itself is signalled, torchrun stops the workers and keeps no exit codes.
+OUTCOME_DIR_ENV = "SPOTLORA_OUTCOME_DIR"
 
 
 def record_outcome(code: int) -> None:
-    """Rank 0 of a launched run leaves its exit code for the launcher."""
-    path = os.environ.get(OUTCOME_FILE_ENV)
-    if path and ranks_from_env().is_main:
+    """A launched worker's exit code, for the launcher of its pod (each pod's own ranks: a
+    pod without rank 0 must still exit with what its ranks saw)."""
+    folder = os.environ.get(OUTCOME_DIR_ENV)
+    if folder:
         try:
-            Path(path).write_text(str(int(code)))
+            (Path(folder) / f"rank-{ranks_from_env().rank}").write_text(str(int(code)))
         except OSError as err:
             log.warning("outcome_not_recorded", error=str(err))
 
 
-def _recorded_outcome(path: Path) -> ExitCode:
-    try:
-        return ExitCode(int(path.read_text().strip()))
-    except (OSError, ValueError):
-        return ExitCode.PREEMPTED  # workers stopped before rank 0 could say: resume
+def recorded_outcome(folder: Path, workers: int) -> ExitCode:
+    """The pod's exit code after its launcher was signalled: its own workers' outcomes. A
+    worker that recorded none (killed at torchrun's shutdown timeout, or before it could
+    say) counts as a stop without progress, 76, which the Job counts: a pod that cannot
+    know whether the run moved forward must not exit 75, which the Job ignores forever."""
+    codes: list[int] = []
+    for path in sorted(folder.glob("rank-*")):
+        try:
+            codes.append(int(path.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    unknown = max(workers - len(codes), 0)
+    return launcher_exit_code([*codes, *[ExitCode.PREEMPTED_NO_PROGRESS] * unknown])
 
 
 def launch(argv: Sequence[str]) -> ExitCode:
     """``spotlora launch [torchrun flags] -- run --manifest ...``: torchrun, with the
     service's exit codes. A SIGTERM to the launcher is forwarded by torchrun to every worker,
-    which commit one checkpoint and exit; the launcher then exits with rank 0's outcome
-    (75 or 76 by whether it committed progress)."""
+    which commit one checkpoint and exit; the launcher then exits with its own workers'
+    outcome (75 or 76 by whether the run committed progress; 76 when one recorded none)."""
     import tempfile
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import determine_local_world_size, get_args_parser
     from torch.distributed.run import run as torchrun
 
     argv = list(argv)
@@ -179,8 +188,7 @@ def launch(argv: Sequence[str]) -> ExitCode:
     split = argv.index("--")
     args = get_args_parser().parse_args([*argv[:split], "-m", "service", *argv[split + 1 :]])
     with tempfile.TemporaryDirectory(prefix="spotlora-launch-") as tmp:
-        outcome = Path(tmp) / "outcome"
-        os.environ[OUTCOME_FILE_ENV] = str(outcome)
+        os.environ[OUTCOME_DIR_ENV] = tmp
         try:
             torchrun(args)
         except ChildFailedError as err:
@@ -189,7 +197,7 @@ def launch(argv: Sequence[str]) -> ExitCode:
             log.warning("workers_failed", exit_codes=codes, exit_code=int(code))
             return code
         except SignalException as err:
-            code = _recorded_outcome(outcome)
+            code = recorded_outcome(Path(tmp), determine_local_world_size(args.nproc_per_node))
             log.warning("launcher_signalled", signal=str(err.sigval), exit_code=int(code))
             return code
     return ExitCode.OK

@@ -5,6 +5,7 @@ Layout under ``output.uri`` when ``output.per_run`` is on::
 
     runs/<run id>/adapter/...           this run's adapter
     runs/<run id>/run.json              written last, as in the single-run layout
+    runs/<run id>/PUBLISHING.json       a promotion decided, until run.json records it
     index/<start ms>-<run id>.json      one object per finished run, never rewritten
     PUBLISHED                           the promoted run: moved with a conditional write
 

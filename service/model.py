@@ -114,13 +114,49 @@ def fetch_model(spec: ModelSpec, cache_dir: Path, hf_token: str | None = None) -
     source = spec.source
     if source.startswith("s3://"):
         return _fetch_s3_model(source, cache_dir / "models")
+    local = _local_dir(source)
+    if local is not None:
+        return local
+    return _fetch_hub_model(spec, cache_dir / "hub", hf_token)
+
+
+def _local_dir(source: str) -> Path | None:
+    """A local model directory, checked; None for a Hub id. A path that is not there is the
+    manifest's error, never a Hub lookup of a path."""
     local = Path(source).expanduser()
     if local.is_dir():
         _check_model_dir(local, source)
         return local
     if source.startswith(("/", "./", "../", "~")) or local.suffix:
         raise ManifestError(f"spec.model.source: {source}: no such directory")
-    return _fetch_hub_model(spec, cache_dir / "hub", hf_token)
+    return None
+
+
+# What the Hub answers for a model that is not there (or private), needs a token, or is gated
+# and not granted: retrying cannot help (exit 2). Anything else may pass (exit 69).
+HUB_REFUSALS = {
+    401: "the Hub refused an anonymous or invalid token (401): a private or gated model needs "
+    "HF_TOKEN with access",
+    403: "the Hub denied access (403): a gated model whose terms this token's account has not "
+    "accepted, or a token without read access",
+    404: "no such model or revision on the Hub (404); a private one also answers so without "
+    "HF_TOKEN",
+}
+
+
+def hub_error(spec: ModelSpec, err: BaseException) -> DependencyError | ManifestError:
+    """The Hub client's error as the service's: its HTTP status, wherever the client and
+    transformers wrapped it (their cause chains), decides whether a retry can help."""
+    seen: BaseException | None = err
+    while seen is not None:
+        status = getattr(getattr(seen, "response", None), "status_code", None)
+        if status in HUB_REFUSALS:
+            revision = f" at revision {spec.revision}" if spec.revision else ""
+            return ManifestError(
+                f"spec.model.source: {spec.source}{revision}: {HUB_REFUSALS[status]}"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return DependencyError(f"spec.model.source: {spec.source}: {type(err).__name__}: {err}")
 
 
 def _check_model_dir(path: Path, origin: str) -> None:
@@ -163,10 +199,8 @@ def _fetch_hub_model(spec: ModelSpec, cache_root: Path, hf_token: str | None) ->
             allow_patterns=[f"*{s}" for s in MODEL_FILE_SUFFIXES],
             token=hf_token,
         )
-    except Exception as err:  # the hub client raises many types; all mean "not reachable"
-        raise DependencyError(
-            f"spec.model.source: {spec.source}: {type(err).__name__}: {err}"
-        ) from None
+    except Exception as err:  # the hub client raises many types
+        raise hub_error(spec, err) from None
     _check_model_dir(Path(path), spec.source)
     return Path(path)
 
@@ -349,15 +383,12 @@ def fetch_config(spec: ModelSpec, hf_token: str | None = None) -> Any:
             except FileNotFoundError:
                 raise ManifestError(f"spec.model.source: {spec.source}: no config.json") from None
             return AutoConfig.from_pretrained(tmp, **kwargs)
-    local = Path(spec.source).expanduser()
-    if local.is_dir():
-        _check_model_dir(local, spec.source)
+    local = _local_dir(spec.source)
+    if local is not None:
         return AutoConfig.from_pretrained(local, **kwargs)
     try:
         return AutoConfig.from_pretrained(
             spec.source, revision=spec.revision, token=hf_token, **kwargs
         )
-    except Exception as err:  # the hub client raises many types; all mean "not reachable"
-        raise DependencyError(
-            f"spec.model.source: {spec.source}: {type(err).__name__}: {err}"
-        ) from None
+    except Exception as err:  # the hub client raises many types
+        raise hub_error(spec, err) from None

@@ -6,7 +6,6 @@ what the service does. Each step is one call into the module that owns it.
 
 from __future__ import annotations
 
-import gc
 import shutil
 import sys
 import time
@@ -122,7 +121,8 @@ class FineTuneRun:
         token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
         if self.spec.export.merged:  # host memory and disk for the merge, before the hours
             config = model.fetch_config(self.spec.model, token)
-            export.preflight(self.spec, config, self.settings.cache_dir)
+            held = export.held_by_this_process()  # the data and libraries, kept to the end
+            export.preflight(self.spec, config, self.settings.cache_dir, held_bytes=held)
         self.watcher.raise_if_requested()
         # 4. The 4-bit base and the adapters, in a clean working directory.
         if self.ranks.is_local_main:  # the ranks of one node share its cache
@@ -208,8 +208,9 @@ class FineTuneRun:
         self.publisher.upload_adapter(staging)
         failed = None
         if self.spec.export.merged:
-            self.trainer.model = None  # the merge loads the base again: free this copy first
-            gc.collect()
+            from service.trainer import release_model
+
+            release_model(self.trainer)  # the merge loads the base again: free this copy first
             self.facts.export, failed = self.publisher.export_merged(
                 self.spec, self.model_dir, staging, self.prompt_rows, self.work_dir
             )

@@ -12,14 +12,16 @@ the manifest's URL would be logged and copied into run.json.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.uris import check_key_segment
 
 # A Kubernetes Secret file is a few bytes; more is a wrong mount, not a password.
 MAX_PASSWORD_FILE_BYTES = 4096
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class RuntimeSettings(BaseSettings):
@@ -59,8 +61,12 @@ class RuntimeSettings(BaseSettings):
         default=Path.home() / ".cache" / "spotlora",
         description="Local cache for downloaded models and data, and the checkpoint staging area.",
     )
-    log_format: str = Field(default="auto", description="auto, json or console.")
-    log_level: str = Field(default="INFO", description="Log level.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="json, console, or auto: console on a terminal, else json."
+    )
+    log_level: str = Field(
+        default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."
+    )
     hf_token: SecretStr | None = Field(
         default=None, alias="HF_TOKEN", description="Hub token for gated models."
     )
@@ -87,6 +93,13 @@ class RuntimeSettings(BaseSettings):
             return check_key_segment(value)
         except ValueError as err:
             raise ValueError(f"SPOTLORA_RUN_ID {err}") from None
+
+    @field_validator("log_level")
+    @classmethod
+    def log_level_is_a_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"SPOTLORA_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
 
     @model_validator(mode="after")
     def pushgateway_credentials_are_complete(self) -> RuntimeSettings:
@@ -132,3 +145,15 @@ def _read_secret(path: Path) -> str:
     except UnicodeDecodeError:
         raise ValueError(f"SPOTLORA_PUSHGATEWAY_PASSWORD_FILE {str(path)!r}: not UTF-8") from None
     return text.removesuffix("\n").removesuffix("\r")
+
+
+def describe(err: ValidationError) -> str:
+    """One line a person reads: each problem with the variable it is about (pydantic's own
+    text spans lines and names fields, not variables)."""
+    problems = []
+    for error in err.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = field if field.isupper() else f"SPOTLORA_{field.upper()}"
+        problems.append(message if not field or "SPOTLORA_" in message else f"{name}: {message}")
+    return "; ".join(problems)

@@ -272,6 +272,29 @@ class LogCallback(TrainerCallback):
             log.info(event, step=state.global_step, **logs)
 
 
+def release_model(trainer: Any) -> None:
+    """Drop every reference the trainer keeps to the trained model, so that it is freed
+    before a merge loads the base again: Trainer itself (model, the wrapped model, the
+    optimizer and scheduler, whose state holds the adapter's parameters), its callback
+    handler, and accelerate's lists of prepared objects. Its state (steps, log history)
+    stays for the run record."""
+    import gc
+
+    trainer.accelerator.free_memory()
+    for owner in (trainer, trainer.callback_handler):
+        for name in ("model", "model_wrapped", "optimizer", "lr_scheduler"):
+            if hasattr(owner, name):
+                setattr(owner, name, None)
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
 @contextmanager
 def other_adapter(model: Any, adapter: Path, name: str = "published") -> Iterator[None]:
     """Another adapter beside the trained one, active inside the block and removed after."""

@@ -336,3 +336,26 @@ def test_a_checkpoint_without_recorded_versions_resumes_with_a_warning(
     assert [e["event"] for e in logs if e["event"].startswith("resume_versions")] == [
         "resume_versions_unrecorded"
     ]
+
+
+def test_a_failed_commit_leaves_no_staged_checkpoint_behind(tmp_path: Path) -> None:
+    """The staged copy sits on the cache volume: kept after a failure, every failed commit
+    of a run would add a checkpoint's size there."""
+    root = tmp_path / "ckpt"
+    store = CheckpointStore(open_storage(str(root)), writer="w")
+    store.claim()
+    committer = BackgroundCommitter(store, keep=2)
+    # The checkpoint's prefix is a file: its upload fails (NotADirectoryError).
+    (root / "w-step-00000004").write_text("in the way")
+    staged = snapshot(tmp_path, 4)
+    committer.submit(staged, 4)
+    assert committer.wait() is True
+    assert [f["step"] for f in committer.failures] == [4]
+    assert not staged.exists()
+    # Lost to another writer: nothing more to do with the copy either.
+    CheckpointStore(open_storage(str(root)), writer="new").claim()
+    staged = snapshot(tmp_path, 5)
+    committer.submit(staged, 5)
+    with pytest.raises(Superseded):
+        committer.wait()
+    assert not staged.exists()

@@ -18,6 +18,7 @@ from service.export import (
     available_memory,
     compare_logits,
     export_dtype,
+    held_by_this_process,
     merge_needs,
     preflight,
     verification_prompts,
@@ -149,6 +150,28 @@ def test_preflight_passes_with_enough_memory_and_disk() -> None:
         disk_free=disk_free,
     )
     assert seen == [Path("/")]  # the nearest directory that exists
+
+
+def test_preflight_counts_what_the_run_keeps_beside_the_merge() -> None:
+    """24 GiB holds the 7B's merge alone (above); not with 8 GiB of the run's own beside it."""
+    with pytest.raises(ManifestError, match=r"what the run keeps beside it 8\.00 GiB"):
+        preflight(
+            job_spec(),
+            llama_config(),
+            Path("/"),
+            memory=lambda: (24 * GIB, CGROUP),
+            disk_free=lambda path: 100 * GIB,
+            held_bytes=8 * GIB,
+        )
+
+
+def test_what_a_process_holds_is_its_anonymous_memory_beyond_the_runtime(tmp_path: Path) -> None:
+    status = tmp_path / "status"
+    status.write_text(f"VmRSS:\t{6 * GIB // 1024} kB\nRssAnon:\t{4 * GIB // 1024} kB\n")
+    assert held_by_this_process(status) == 4 * GIB - RUNTIME_BYTES
+    status.write_text("RssAnon:\t1024 kB\n")
+    assert held_by_this_process(status) == 0
+    assert held_by_this_process(tmp_path / "missing") == 0
 
 
 def test_preflight_refuses_too_little_disk_for_the_staged_shards(tmp_path: Path) -> None:

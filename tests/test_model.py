@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,90 @@ def test_compile_layers_wraps_each_decoder_layer(tiny_model: Path) -> None:
     layers = peft_model.get_base_model().model.layers  # type: ignore[attr-defined]
     assert product.compile_layers(peft_model) == len(layers) > 0
     assert all(layer._compiled_call_impl is not None for layer in layers)
+
+
+HUB_LOOKUPS = """
+import sys
+from service import model
+from service.errors import SpotloraError
+from service.manifest.spec import ModelSpec
+
+for status in (404, 401, 403):
+    spec = ModelSpec(source=f"org/refused-{status}")
+    for name, call in (
+        ("config", lambda: model.fetch_config(spec)),
+        ("snapshot", lambda: model.fetch_model(spec, model.Path(sys.argv[1]))),
+    ):
+        try:
+            call()
+        except SpotloraError as err:
+            print(status, name, int(err.exit_code), str(err), flush=True)
+"""
+# What huggingface.co answers for a missing, a private (no token) and a gated model.
+HUB_ERROR_CODES = {404: "RepoNotFound", 401: None, 403: "GatedRepo"}
+
+
+def test_a_model_the_hub_refuses_is_an_input_error_not_a_retry(tmp_path: Path) -> None:
+    """A stand-in Hub over HTTP refuses org/refused-<status> with that status, as
+    huggingface.co does: a retry cannot help, so exit 2, with the status named. One process
+    for all of them (importing transformers is most of the time)."""
+    import http.server
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            found = re.search(r"refused-(\d+)", self.path)
+            status = int(found[1]) if found else 404
+            body = b'{"error": "refused"}'
+            self.send_response(status)
+            if HUB_ERROR_CODES.get(status):
+                self.send_header("X-Error-Code", str(HUB_ERROR_CODES[status]))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", HUB_LOOKUPS, str(tmp_path / "cache")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    finally:
+        server.shutdown()
+    lines = [line.split(" ", 3) for line in out.splitlines()]
+    assert [line[:3] for line in lines] == [
+        [str(status), name, "2"] for status in (404, 401, 403) for name in ("config", "snapshot")
+    ], out
+    assert all(f"org/refused-{s}: " in text and f"({s})" in text for s, _, _, text in lines), out
+
+
+def test_a_missing_local_model_directory_is_named_without_asking_the_hub(tmp_path: Path) -> None:
+    """spec.export.merged reads config.json first: a path that is not there is the
+    manifest's error (exit 2), not a Hub lookup of the path (exit 69)."""
+    missing = str(tmp_path / "no-such-model")
+    for call in (
+        lambda: product.fetch_config(ModelSpec(source=missing)),
+        lambda: product.fetch_model(ModelSpec(source=missing), tmp_path),
+    ):
+        with pytest.raises(product.ManifestError, match="no such directory"):
+            call()

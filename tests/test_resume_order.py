@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from service.checkpoint.resume import (
     rows_sha256,
 )
 from service.cli import EXAMPLE_MANIFEST
-from service.distributed import launcher_exit_code
+from service.distributed import launcher_exit_code, record_outcome, recorded_outcome
 from service.errors import ExitCode, ManifestError
 from service.manifest import JobSpec, validate_document
 
@@ -134,3 +135,28 @@ def test_launcher_exit_code_keeps_the_most_specific_outcome(
     codes: list[int], expected: ExitCode
 ) -> None:
     assert launcher_exit_code(codes) == expected
+
+
+@pytest.mark.parametrize(
+    ("rank", "code", "workers", "expected"),
+    [
+        (1, 75, 1, ExitCode.PREEMPTED),  # a pod without rank 0: its own rank's outcome
+        (1, 76, 1, ExitCode.PREEMPTED_NO_PROGRESS),
+        (1, 2, 1, ExitCode.INVALID_INPUT),
+        (2, 75, 2, ExitCode.PREEMPTED),  # the other worker unknown; the run moved forward
+        (None, None, 1, ExitCode.PREEMPTED_NO_PROGRESS),  # killed before recording: counted
+    ],
+)
+def test_a_signalled_launcher_exits_with_its_own_workers_outcome(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    rank: int | None,
+    code: int | None,
+    workers: int,
+    expected: ExitCode,
+) -> None:
+    monkeypatch.setenv("SPOTLORA_OUTCOME_DIR", str(tmp_path))
+    if rank is not None and code is not None:
+        monkeypatch.setenv("RANK", str(rank))
+        record_outcome(code)
+    assert recorded_outcome(tmp_path, workers) == expected

@@ -86,3 +86,31 @@ def test_missing_password_file_is_named(tmp_path: Path, monkeypatch: pytest.Monk
 def test_run_id_is_one_path_segment(monkeypatch: pytest.MonkeyPatch, run_id: str) -> None:
     message = _error(monkeypatch, SPOTLORA_RUN_ID=run_id)
     assert "SPOTLORA_RUN_ID must be a single name: no '/', and not '.' or '..'" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        (
+            "SPOTLORA_LOG_LEVEL",
+            "SPOTLORA_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        ("SPOTLORA_LOG_FORMAT", "SPOTLORA_LOG_FORMAT: Input should be 'auto', 'json' or 'console'"),
+    ],
+)
+def test_a_bad_log_setting_exits_2_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, says: str
+) -> None:
+    from service.cli import main
+
+    monkeypatch.setenv(name, "bogus")
+    assert main(["example"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"spotlora: invalid environment: {says}\n"
+
+
+def test_log_settings_accept_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPOTLORA_LOG_LEVEL", "debug")
+    monkeypatch.setenv("SPOTLORA_LOG_FORMAT", "json")
+    settings = RuntimeSettings()
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")

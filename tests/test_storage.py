@@ -97,3 +97,67 @@ def test_local_keys_cannot_escape_the_root(tmp_path: Path) -> None:
 def test_unsupported_scheme() -> None:
     with pytest.raises(ValueError, match="unsupported storage URI"):
         open_storage("gs://bucket/x")
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from service.storage.local import LocalStorage
+
+store = LocalStorage(Path(sys.argv[1]))
+
+def hang(path, writer):  # inside the conditional write's check-and-set: the lock is held
+    print("holding", flush=True)
+    time.sleep(600)
+
+store._atomic_write = hang
+store.write_bytes("LATEST", b"old", if_none_match=True)
+"""
+
+
+def test_a_lock_held_by_a_killed_process_does_not_block_the_next_writer(tmp_path: Path) -> None:
+    """A pod SIGKILLed mid-write (the kubelet at the grace period) must not leave the
+    pointer locked for every later attempt."""
+    import signal
+    import threading
+
+    root = tmp_path / "store"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+    store = open_storage(str(root))
+    contender: list[object] = []
+    waiting = threading.Thread(
+        target=lambda: contender.append(store.write_bytes("LATEST", b"x", if_none_match=True)),
+        daemon=True,
+    )
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive()  # still exclusive while its holder lives
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    waiting.join(5)
+    assert contender and store.read_bytes("LATEST") == b"x"
+
+
+def test_the_lock_is_exclusive_and_leaves_no_file_behind(tmp_path: Path) -> None:
+    """Many writers race one conditional create: exactly one wins, and no lock file is left
+    in the store beside its objects."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = open_storage(str(tmp_path / "store"))
+
+    def create(i: int) -> bool:
+        try:
+            store.write_bytes("run.json", str(i).encode(), if_none_match=True)
+            return True
+        except PreconditionFailed:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(create, range(32))) == 1
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["run.json"]

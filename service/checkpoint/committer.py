@@ -64,7 +64,6 @@ class BackgroundCommitter:
             )
             for callback in self.on_commit:
                 callback(committed, seconds, size)
-            shutil.rmtree(local_dir, ignore_errors=True)
         except Superseded as err:
             self._superseded = err
             log.error("checkpoint_commit_superseded", step=step, error=str(err))
@@ -74,6 +73,11 @@ class BackgroundCommitter:
             log.error("checkpoint_commit_failed", step=step, error=error)
             for failed in self.on_failure:
                 failed(step, error)
+        finally:
+            # Committed or not, the staged copy is done with: a failed one is never retried
+            # (the next checkpoint carries the progress), and a cache volume filling with
+            # them would fail the run's later saves.
+            shutil.rmtree(local_dir, ignore_errors=True)
 
     def wait(self, timeout_seconds: float | None = None) -> bool:
         """Wait for the upload in flight; True when none is left running. Raises Superseded

@@ -5,12 +5,13 @@ dequantized to the export dtype: the merged model answers as base + adapter did 
 themselves: that keeps their rounding of W + BA (transformers #31293, peft #2321), 190 times
 further from base + adapter than bf16's rounding.
 
-1. An older merged/EXPORT.json is deleted first: it must not vouch for the new files.
+1. Whatever is under merged/ is withdrawn (``withdraw``): EXPORT.json first, then the files.
+   A merged model belongs to one adapter; a merge that fails must not leave an older one
+   there (vLLM loads every *.safetensors it finds, a stale shard of an earlier, larger export
+   with the new ones too). Publishing a new adapter withdraws it the same way.
 2. Merge, save to local staging, load the staged files as a user would and compare their
    logits with base + adapter's: a mismatch raises ExportMismatch, nothing uploaded.
-3. Older objects under merged/ are deleted: vLLM loads every *.safetensors it finds, so a
-   stale shard of an earlier, larger export would be loaded with the new ones.
-4. The new files are uploaded, merged/EXPORT.json last, listing each with size and sha256.
+3. The new files are uploaded, merged/EXPORT.json last, listing each with size and sha256.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from service.export.preflight import (
     MergeNeeds,
     available_memory,
     export_dtype,
+    held_by_this_process,
     merge_needs,
     preflight,
     refuse_quantized,
@@ -60,10 +62,12 @@ __all__ = [
     "compare_logits",
     "export_dtype",
     "export_merged",
+    "held_by_this_process",
     "merge_needs",
     "preflight",
     "refuse_quantized",
     "verification_prompts",
+    "withdraw",
 ]
 
 MERGED_DIR = "merged"
@@ -184,8 +188,7 @@ def _export(
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.monotonic()
-    if output.head(EXPORT_RECORD) is not None:  # 1.
-        output.delete([EXPORT_RECORD])
+    withdraw(output)  # 1.
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ManifestError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (not a saved adapter)")
     trust = spec.model.trust_remote_code
@@ -270,9 +273,7 @@ def _export(
         "versions": library_versions(),
         "seconds": seconds,
     }
-    # 3. Older files out; 4. the new ones in, EXPORT.json last.
-    stale = [o.key for o in output.list_objects(f"{MERGED_DIR}/")]
-    output.delete([key for key in stale if key.startswith(f"{MERGED_DIR}/")])
+    # 3. The new files, EXPORT.json last.
     for entry in files:
         output.upload_file(staging / entry["key"], f"{MERGED_DIR}/{entry['key']}")
     seconds["upload"] = _lap(started, seconds)
@@ -281,6 +282,19 @@ def _export(
     shutil.rmtree(staging, ignore_errors=True)
     log.info("export_published", uri=record["uri"], dtype=dtype, seconds=seconds, **verification)
     return record
+
+
+def withdraw(output: Storage) -> None:
+    """Take down merged/: EXPORT.json first (a reader trusts the files only while it vouches
+    for them), then every file, so no model stays there that does not belong to the adapter
+    beside it."""
+    if output.head(EXPORT_RECORD) is not None:
+        output.delete([EXPORT_RECORD])
+    stale = [o.key for o in output.list_objects(f"{MERGED_DIR}/")]
+    stale = [key for key in stale if key.startswith(f"{MERGED_DIR}/")]
+    if stale:
+        output.delete(stale)
+        log.info("export_withdrawn", uri=uri_join(output.uri, MERGED_DIR), files=len(stale))
 
 
 def _merge_device(needs: MergeNeeds) -> str:

@@ -126,6 +126,19 @@ def available_memory(
     raise OSError(f"{meminfo} has no MemAvailable line")
 
 
+def held_by_this_process(status: Path = Path("/proc/self/status")) -> int:
+    """What a run keeps through its merge beyond the runtime MergeNeeds counts: its rows and
+    the libraries training imported (trl, datasets, accelerate). The trained model is not in
+    it: the recipe releases it before the merge (service.trainer.release_model). Anonymous
+    memory alone: mapped files are the kernel's to reclaim."""
+    try:
+        lines = status.read_text().splitlines()
+    except OSError:
+        return 0
+    anonymous = next((int(x.split()[1]) * 1024 for x in lines if x.startswith("RssAnon:")), 0)
+    return max(anonymous - RUNTIME_BYTES, 0)
+
+
 def preflight(
     spec: JobSpec,
     config: Any,
@@ -133,10 +146,12 @@ def preflight(
     *,
     memory: Callable[[], tuple[int, str]] = available_memory,
     disk_free: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
+    held_bytes: int = 0,
     way_out: str | None = None,
 ) -> None:
     """With spec.export.merged, refuse at minute 0 what would fail at the end of the run. The
-    host is checked: the merge runs there unless a GPU has room for it by then. ``way_out``
+    host is checked: the merge runs there unless a GPU has room for it by then. ``held_bytes``:
+    what the process keeps beside the merge (a run's own, held_by_this_process). ``way_out``
     replaces the default advice (export later, as its own Job)."""
     if not spec.export.merged:
         return
@@ -144,18 +159,25 @@ def preflight(
     needs = merge_needs(spec, config)
     limit, origin = memory()
     free = disk_free(next(p for p in (cache_dir, *cache_dir.parents) if p.exists()))
-    log.info("export_preflight", **asdict(needs), memory_limit_bytes=limit, disk_free_bytes=free)
+    log.info(
+        "export_preflight",
+        **asdict(needs),
+        held_bytes=held_bytes,
+        memory_limit_bytes=limit,
+        disk_free_bytes=free,
+    )
     hint = way_out or (
         f"set spec.export.merged to false and run `spotlora export {spec.output.uri}` after "
         "the run, as its own Job with more memory (k8s/examples/export-job.yaml)"
     )
-    if needs.memory_bytes > limit:
+    if needs.memory_bytes + held_bytes > limit:
+        held = f", what the run keeps beside it {held_bytes / GIB:.2f} GiB" if held_bytes else ""
         raise ManifestError(
-            f"spec.export.merged: the merge needs ~{needs.memory_bytes / GIB:.1f} GiB of host "
-            f"memory (the base in {needs.dtype}: {needs.weights_bytes / GIB:.1f} GiB, adapter "
-            f"{needs.adapter_bytes / GIB:.2f} GiB, merge and verification "
-            f"{needs.working_bytes / GIB:.2f} GiB, runtime and margin), but this process may "
-            f"use {limit / GIB:.1f} GiB ({origin}); {hint}"
+            f"spec.export.merged: the merge needs ~{(needs.memory_bytes + held_bytes) / GIB:.1f} "
+            f"GiB of host memory (the base in {needs.dtype}: {needs.weights_bytes / GIB:.1f} GiB, "
+            f"adapter {needs.adapter_bytes / GIB:.2f} GiB, merge and verification "
+            f"{needs.working_bytes / GIB:.2f} GiB{held}, runtime and margin), but this process "
+            f"may use {limit / GIB:.1f} GiB ({origin}); {hint}"
         )
     if needs.disk_bytes > free:
         raise ManifestError(

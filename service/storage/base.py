@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -61,3 +62,39 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(2**20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class file_lock:
+    """An advisory lock (flock) on ``path`` held for the block. The kernel releases it when
+    the process dies, so a SIGKILL never leaves it held (a lock file made with O_EXCL would
+    outlive its holder and block every later writer). The holder deletes the file before
+    unlocking, and a waiter that then gets the lock of a deleted file tries again: no two
+    holders, and no lock files left in a store beside its objects."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self._fd = fd
+                    return
+            except FileNotFoundError:
+                pass  # deleted by the holder we waited for: lock the new file
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)

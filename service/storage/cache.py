@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from service.storage.base import ObjectInfo, Storage
+from service.storage.base import ObjectInfo, Storage, file_lock
 from service.storage.s3 import TRANSFER_CONCURRENCY
 
 CACHE_INDEX = ".spotlora-etags.json"
@@ -22,7 +22,7 @@ def fetch_cached(store: Storage, objects: list[ObjectInfo], target: Path) -> lis
     target.mkdir(parents=True, exist_ok=True)
     # The ranks of one node share its cache: the first to take the lock downloads, the others
     # then find the cache current. Never two writers on one path.
-    with _file_lock(target / CACHE_LOCK):
+    with file_lock(target / CACHE_LOCK):
         index_path = target / CACHE_INDEX
         etags: dict[str, str] = json.loads(index_path.read_text()) if index_path.is_file() else {}
         todo = [
@@ -40,24 +40,3 @@ def fetch_cached(store: Storage, objects: list[ObjectInfo], target: Path) -> lis
             tmp.write_text(json.dumps(etags, indent=1))
             os.replace(tmp, index_path)
     return todo
-
-
-class _file_lock:
-    """An advisory lock (flock) held for the block: released by the kernel when the
-    process dies, so a SIGKILL never leaves a cache locked."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = -1
-
-    def __enter__(self) -> None:
-        import fcntl
-
-        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        import fcntl
-
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)

@@ -1,4 +1,4 @@
-"""A directory as a store: atomic writes by rename, conditional writes under a lock file."""
+"""A directory as a store: atomic writes by rename, conditional writes under a file lock."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service.storage.base import ObjectInfo, PreconditionFailed, sha256_file
+from service.storage.base import ObjectInfo, PreconditionFailed, file_lock, sha256_file
 
 
 class LocalStorage:
     """A directory. Writes go to a temporary file then rename, so readers never see
-    a half-written object; conditional writes take a lock file for the check-and-set."""
+    a half-written object; conditional writes hold a lock (flock) for the check-and-set."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -54,7 +54,7 @@ class LocalStorage:
             self._atomic_write(path, lambda f: f.write(data))
             return hashlib.sha256(data).hexdigest()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(path.with_name(f".{path.name}.lock")):
+        with file_lock(path.with_name(f".{path.name}.lock")):
             exists = path.is_file()
             if if_none_match and exists:
                 raise PreconditionFailed(f"{self.uri}/{key} exists")
@@ -102,27 +102,3 @@ class LocalStorage:
 
     def child(self, prefix: str) -> LocalStorage:
         return LocalStorage(self.root / prefix)
-
-
-class _lock:
-    """An exclusive lock file (O_EXCL), enough for writers on one filesystem."""
-
-    def __init__(self, path: Path, timeout_seconds: float = 30) -> None:
-        self.path = path
-        self.timeout_seconds = timeout_seconds
-
-    def __enter__(self) -> None:
-        import time
-
-        deadline = time.monotonic() + self.timeout_seconds
-        while True:
-            try:
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return
-            except FileExistsError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"lock {self.path} held too long") from None
-                time.sleep(0.01)
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)

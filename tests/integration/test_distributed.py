@@ -157,3 +157,19 @@ def test_two_nodes_commit_every_ranks_rng_state_and_resume_exactly(
     got, want = adapter_tensors(out / "adapter"), two_process_reference["adapter"]
     for name in want:
         assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.slow
+def test_a_pod_whose_workers_recorded_no_outcome_exits_with_a_counted_code(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """torchrun SIGKILLs a worker still running at its shutdown timeout (0 s here), before
+    it can record how it ended: the pod cannot know whether the run moved forward, so it
+    exits 76, which the Job counts, never 75, which it would ignore however often it came."""
+    path = write_manifest(tmp_path / "job.yaml", job(tiny_model, tiny_data, tmp_path / "out"))
+    launch = ["launch", "--nproc-per-node", "1", "--shutdown-timeout", "0", "--"]
+    done = run_job(
+        [*launch, "run", "-f", str(path)], job_env(tmp_path / "cache"), interrupt=at_step(1)
+    )
+    assert done.code == 76, done.stderr[-4000:]
+    assert [e["exit_code"] for e in done.named("launcher_signalled")] == [76]

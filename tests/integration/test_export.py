@@ -27,7 +27,7 @@ from service.export import (
 from service.manifest import FineTuneJob, JobSpec
 from service.storage import LocalStorage, sha256_file
 from tests.conftest import REPO
-from tests.jobs import job_env, manifest, run_job
+from tests.jobs import job_env, manifest, run_in_process, run_job
 
 PROMPTS = [alpaca_prompt(row) + row["output"] for row in make_synthetic_rows(4, seed=11)]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -202,8 +202,8 @@ def test_a_failed_verification_publishes_nothing(
     out = tmp_path / "out"
     (out / "merged").mkdir(parents=True)
     (out / EXPORT_RECORD).write_text('{"old": true}')
+    (out / "merged" / "model.safetensors").write_bytes(b"an older adapter's merged model")
     (out / "run.json").write_text("{}")
-    before = files_under(out)
     with pytest.raises(ExportMismatch, match=r"mean KL .* \(tolerance 1e-06\).*nothing was"):
         export_merged(
             job_spec(tiny_model, out, dtype="fp32"),
@@ -213,8 +213,9 @@ def test_a_failed_verification_publishes_nothing(
             LocalStorage(out),
             tmp_path / "work",
         )
-    # The old EXPORT.json is gone (it vouched for an older merge), nothing new arrived.
-    assert set(files_under(out)) == set(before) - {EXPORT_RECORD}
+    # The older merge is gone, its EXPORT.json and its model (neither belongs to this
+    # adapter), and nothing new arrived.
+    assert set(files_under(out)) == {"run.json"}
     assert not (tmp_path / "work" / "merged").exists()
 
 
@@ -376,3 +377,38 @@ def test_spotlora_export_with_storage_unreachable_exits_69(tmp_path: Path) -> No
     )
     done = run_job(["export", "s3://bucket/jobs/x/runs/abc/"], env, timeout_seconds=300)
     assert done.code == 69, done.stderr[-3000:]
+
+
+def test_the_trained_model_is_freed_before_the_merge(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge loads the base again: while Trainer, its callbacks or accelerate still hold
+    the trained 4-bit model, a host sized by the pre-flight holds both. Weak references to
+    the model training built must be dead when the export starts."""
+    import gc
+    import weakref
+
+    from service import export, model
+
+    prepare, export_merged = model.prepare, export.export_merged
+    built: list[weakref.ref[Any]] = []
+    alive_at_merge: list[bool] = []
+
+    def prepare_and_watch(*args: Any, **kwargs: Any) -> Any:
+        peft_model, tokenizer, path = prepare(*args, **kwargs)
+        built.extend([weakref.ref(peft_model), weakref.ref(peft_model.get_base_model())])
+        return peft_model, tokenizer, path
+
+    def merge_and_check(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        gc.collect()
+        alive_at_merge.extend(ref() is not None for ref in built)
+        return export_merged(*args, **kwargs)
+
+    monkeypatch.setattr(model, "prepare", prepare_and_watch)
+    monkeypatch.setattr(export, "export_merged", merge_and_check)
+    out = tmp_path / "out"
+    job = manifest("freed", str(tiny_model), str(tiny_data), str(out), training={"max_steps": 2})
+    job["spec"]["export"] = {"merged": True, "verify_prompts": 2}
+    run_in_process(job, tmp_path, "freed", monkeypatch)
+    assert alive_at_merge == [False, False]
+    assert json.loads((out / EXPORT_RECORD).read_text())["verification"]["passed"] is True
