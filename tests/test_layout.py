@@ -42,6 +42,7 @@ LAYERS = {
     "service.attempts": 2,
     "service.history": 2,
     "service.memory": 2,
+    "service.targets": 2,
     "service.kernels": 2,
     "service.elementwise": 2,
     "service.logprob": 2,
