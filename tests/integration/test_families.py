@@ -121,3 +121,18 @@ def test_family_trains_with_default_targets(
     adapted = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in tensors}
     assert adapted == set(family.targets)
     assert [e["implementation"] for e in done.named("attention")] == [family.attention]
+
+
+def test_an_explicit_target_that_matches_no_layer_exits_2(
+    tokenizer: Any, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Llama's names on Phi-3: peft alone would adapt o_proj and train without a word."""
+    from service.cli import main
+
+    model_dir = write_family(tmp_path / "phi-3", FAMILIES["phi-3"], tokenizer)
+    job = manifest("phi-3-named", str(model_dir), str(tiny_data), str(tmp_path / "out"))
+    job["spec"]["lora"]["target_modules"] = ATTENTION
+    for key, value in job_env(tmp_path / "cache").items():
+        monkeypatch.setenv(key, value)
+    assert main(["run", "-f", str(write_manifest(tmp_path / "job.yaml", job))]) == 2
+    assert not (tmp_path / "out" / "adapter").exists()
