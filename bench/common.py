@@ -68,6 +68,42 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_sliding_window": False,
         "rms_norm_eps": 1e-6,
     },
+    # Qwen3-8B: no q/k/v biases, RMSNorm on each head's queries and keys, 36 layers, a
+    # 151,936-token vocabulary and an untied LM head.
+    "qwen3-8b": {
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    },
+    # Gemma-2-2B: attention-logit and final-logit soft-capping (eager attention), head_dim 256
+    # wider than hidden / heads, four norms a layer, GeGLU, a 256,000-token tied embedding.
+    "gemma-2-2b": {
+        "model_type": "gemma2",
+        "vocab_size": 256000,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 8192,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
     # A quick check of the whole path in seconds; same vocabulary, GQA and MLP shape ratios.
     "small": {
         "model_type": "mistral",
@@ -107,10 +143,12 @@ def model_config(preset: str) -> Any:
 def param_count(preset: str) -> int:
     p = PRESETS[preset]
     h, i, n = p["hidden_size"], p["intermediate_size"], p["num_hidden_layers"]
-    kv = h // p["num_attention_heads"] * p["num_key_value_heads"]
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    head = p.get("head_dim", h // p["num_attention_heads"])
+    q, kv = head * p["num_attention_heads"], head * p["num_key_value_heads"]
+    norms = {"gemma2": 4 * h, "qwen3": 2 * h + 2 * head}.get(p["model_type"], 2 * h)
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + norms
     if p["model_type"] == "qwen2":  # biases on q, k and v
-        per_layer += h + 2 * kv
+        per_layer += q + 2 * kv
     heads = 1 if p.get("tie_word_embeddings") else 2
     return n * per_layer + heads * p["vocab_size"] * h + h
 

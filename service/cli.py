@@ -37,7 +37,7 @@ spec:
     format: alpaca
     max_length: 512
     eval_fraction: 0.02
-  training: {epochs: 3, batch_size: 4, gradient_accumulation: 4, learning_rate: 2.0e-4, seed: 42}
+  training: {epochs: 3, batch_size: auto, learning_rate: 2.0e-4, seed: 42}
   checkpoint: {every_steps: 50, every_seconds: auto, keep: 2, grace_period_seconds: 15}
   output:
     uri: s3://my-bucket/jobs/mistral-alpaca/         # or a local directory

@@ -8,6 +8,7 @@ from typing import Any
 
 from service.errors import ManifestError
 from service.manifest.spec import JobSpec
+from service.targets import lora_targets
 
 # Activations one token holds while one decoder layer is recomputed and back-propagated:
 # LAYER_WORKING_SET x (hidden + intermediate) half-precision values, plus
@@ -102,7 +103,7 @@ def preflight_estimate(spec: JobSpec, config: Any) -> MemoryEstimate:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
-    targets = spec.lora.target_modules
+    targets = lora_targets(spec.lora.target_modules, model)
     per_weight = (
         QUANTIZED_BYTES_PER_WEIGHT
         if spec.quantization.double_quant

@@ -17,6 +17,7 @@ from service.distributed import ranks_from_env
 from service.errors import DependencyError, ManifestError
 from service.manifest.spec import JobSpec, LoraSpec, ModelSpec, QuantizationSpec
 from service.storage import S3Storage, fetch_cached, split_s3_uri
+from service.targets import lora_targets
 
 if TYPE_CHECKING:
     import torch
@@ -220,8 +221,11 @@ def load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
 def load_quantized_model(
     path: Path, spec: ModelSpec, quant: QuantizationSpec, dtype: str, device: Device
 ) -> Any:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
+    config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    attention = attention_implementation(config)
+    log.info("attention", implementation=attention, model_type=config.model_type)
     compute = torch_dtype(dtype)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -231,16 +235,32 @@ def load_quantized_model(
     )
     model = AutoModelForCausalLM.from_pretrained(
         path,
+        config=config,
         quantization_config=bnb,
         dtype=compute,
         # Each rank holds a whole 4-bit copy on its own GPU (data parallel).
         device_map={"": ranks_from_env().local_rank if device.kind == "cuda" else "cpu"},
         trust_remote_code=spec.trust_remote_code,
         use_safetensors=True,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
     )
     disable_cpu_inference_repack(model)
     return model
+
+
+def attention_implementation(config: Any) -> str:
+    """sdpa (fused, and what the attention kernel replaces) unless the model needs eager:
+    sdpa has no attention-logit soft-capping (Gemma-2; a Gemma-3 config may set it too), so it
+    would train another function, and transformers refuses it for models that declare no
+    support (Gemma-2 again). A remote-code model's class is not known here: sdpa, as before."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config.get_text_config(), "attn_logit_softcapping", None) is not None:
+        return "eager"
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        return "eager"
+    return "sdpa"
 
 
 def disable_cpu_inference_repack(model: Any) -> None:
@@ -312,11 +332,13 @@ def add_lora(model: Any, lora: LoraSpec, quant: QuantizationSpec) -> Any:
     from peft import LoraConfig, get_peft_model
 
     prepare_frozen_base(model, upcast=quant.frozen_dtype == "fp32")
+    targets = lora_targets(lora.target_modules, model)
+    log.info("lora_targets", modules=targets)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -108,11 +108,11 @@ class RetrainingPolicy:
             log.info("warm_start_skipped", reason="nothing published yet")
             return
         config = json.loads((adapter / "adapter_config.json").read_text())
-        lora = self.spec.lora
-        wanted = lora.target_modules if isinstance(lora.target_modules, list) else None
-        if config.get("r") != lora.r or (
-            wanted is not None and sorted(config.get("target_modules") or []) != sorted(wanted)
-        ):
+        # The layers this run adapts, as peft resolved them ('auto' and 'all-linear' included).
+        adapted = peft_model.peft_config["default"].target_modules
+        if config.get("r") != self.spec.lora.r or sorted(
+            config.get("target_modules") or []
+        ) != sorted(adapted):
             log.warning("warm_start_skipped", reason="published adapter has another LoRA shape")
             return
         set_peft_model_state_dict(peft_model, load_file(adapter / "adapter_model.safetensors"))

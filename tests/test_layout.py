@@ -58,6 +58,7 @@ LAYERS = {
     "service.fast.attention": 2,
     "service.fast.logprob": 2,
     "service.fast.offload": 2,
+    "service.targets": 2,
     "service.ledger": 2,
     "service.checkpoint.interval": 2,
     "service.report": 2,

@@ -43,7 +43,7 @@ def error_for(doc: dict[str, Any]) -> str:
 
 def test_the_documented_example_validates() -> None:
     job = validate_document(example(), "example")
-    assert job.spec.training.gradient_accumulation == 4
+    assert job.spec.training.batch_size == "auto"
     assert job.spec.data.eval_fraction == 0.02
     assert job.spec.quantization.quant_type == "nf4"
 

@@ -56,3 +56,38 @@ def test_a_promotion_metric_must_be_one_that_is_computed() -> None:
     doc["spec"]["promotion"] = {"metric": "contains"}
     with pytest.raises(ManifestError, match=r"promotion\.metric 'contains' must be one of"):
         validate_document(doc, "job")
+
+
+def test_a_warm_start_skips_an_adapter_on_other_layers(tiny_model: Path, tmp_path: Path) -> None:
+    """With the default targets ('auto'), the published adapter's layers are compared with
+    the ones this run adapts: q/v weights are not loaded into a q/k/v/o adapter."""
+    from safetensors.torch import save_file
+
+    from service.manifest.spec import LoraSpec, ModelSpec, QuantizationSpec
+    from service.model import Device, add_lora, load_quantized_model
+
+    quant = QuantizationSpec()
+    base = load_quantized_model(
+        tiny_model, ModelSpec(source=str(tiny_model)), quant, "fp32", Device("cpu", "cpu")
+    )
+    peft_model = add_lora(base, LoraSpec(), quant)
+    published = tmp_path / "published"
+    published.mkdir()
+    config = {"r": 8, "target_modules": ["q_proj", "v_proj"]}
+    (published / "adapter_config.json").write_text(json.dumps(config))
+    before = {k: v.clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
+    save_file(
+        {k.replace(".default", ""): v + 1 for k, v in before.items() if "k_proj" not in k},
+        str(published / "adapter_model.safetensors"),
+    )
+    doc = yaml.safe_load(EXAMPLE_MANIFEST)
+    del doc["spec"]["lora"]["target_modules"]
+    policy = RetrainingPolicy(
+        RunHistory(open_storage(str(tmp_path / "out"))),
+        validate_document(doc, "job").spec,
+        tmp_path / "work",
+    )
+    policy.published_adapter = lambda: published  # type: ignore[method-assign]
+    policy.warm_start(peft_model)
+    after = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert all(after[k].equal(v) for k, v in before.items())

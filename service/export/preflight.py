@@ -13,6 +13,7 @@ import structlog
 
 from service.errors import ManifestError
 from service.manifest.spec import JobSpec
+from service.targets import lora_targets
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +80,7 @@ def merge_needs(spec: JobSpec, config: Any) -> MergeNeeds:
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=spec.model.trust_remote_code
         )
-    head, targets = model.get_output_embeddings(), spec.lora.target_modules
+    head, targets = model.get_output_embeddings(), lora_targets(spec.lora.target_modules, model)
     lora_weights = largest = linear = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:

@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 class Metadata(Strict):
@@ -122,9 +121,11 @@ class LoraSpec(Strict):
     r: int = Field(default=8, gt=0, le=1024, description="LoRA rank.")
     alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha/r).")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        description="Module names to adapt, or 'all-linear'.",
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        default="auto",
+        description="Module names to adapt, 'all-linear', or 'auto': the attention projections "
+        "the architecture has (q_proj, k_proj, v_proj, o_proj on Llama, Mistral, Qwen, Gemma; "
+        "qkv_proj, o_proj on Phi-3). A name that matches no layer of the model is an error.",
     )
 
     @field_validator("target_modules")
