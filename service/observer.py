@@ -42,6 +42,7 @@ class RunObserver:
         self._earlier_usd = 0.0  # the run's earlier attempts, from the ledger
         self._spent_until = time.time()
         self._billed = False  # the final bill is set: the run's gauges stand
+        self._step_ended_unix: dict[int, float] = {}  # steps not committed yet, rank 0
 
     def start(self, spec: JobSpec, local_rank: int, manifest_sha256: str, run_id: str) -> None:
         """Serve /metrics (local rank k on port + k: each GPU's throughput is its own) and
@@ -154,17 +155,22 @@ class RunObserver:
 
     def step_ended(self, step: int) -> None:
         if self.is_main:
+            self._step_ended_unix[step] = time.time()
             self.attempt.step(step)
             self._spend()
 
     def training(self) -> None:
-        self.attempt.attempt.train_started_unix = time.time()
+        if self.is_main:
+            self.attempt.update(train_started_unix=time.time())
         self.phase(Phase.TRAINING)
 
     # -- the committer -------------------------------------------------------------
 
     def committed(self, committed: Committed, upload_seconds: float, upload_bytes: int) -> None:
-        self.attempt.committed(committed.step)
+        ended = self._step_ended_unix.get(committed.step)
+        for done in [s for s in list(self._step_ended_unix) if s <= committed.step]:
+            self._step_ended_unix.pop(done, None)  # the training thread adds steps meanwhile
+        self.attempt.committed(committed.step, ended)
         self.metrics.checkpoint_committed(committed.step, upload_seconds, upload_bytes)
 
     def commit_failed(self, step: int, error: str) -> None:
@@ -174,8 +180,8 @@ class RunObserver:
     # -- the run's story -------------------------------------------------------------
 
     def resumed(self, step: int) -> None:
-        self.attempt.attempt.start_step = step
         self.attempt.event("resumed", step=step)
+        self.attempt.update(start_step=step, last_step=step)
         self.metrics.resumed(step)
 
     def stopping(self) -> None:
@@ -212,6 +218,6 @@ class RunObserver:
         self.metrics.run_ledger(bill["attempts"], bill["total_usd"], bill["lost_to_preemption_usd"])
 
     def attempt_ended(self, outcome: str, step: int, **fields: Any) -> None:
-        """Once per attempt, on rank 0, and only for an attempt that claimed the run."""
-        if self.is_main and self.attempt.started and self.attempt.attempt.ended_unix is None:
+        """Once per attempt, on rank 0, claimed or not: one that ends while it loads shows."""
+        if self.is_main and self.attempt.opened and self.attempt.attempt.ended_unix is None:
             self.attempt.finish(outcome, last_step=step, **fields)

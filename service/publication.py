@@ -25,7 +25,7 @@ from service.errors import PublicationConflict, SpotloraError, Superseded
 from service.history import RunHistory, index_entry
 from service.manifest.spec import JobSpec
 from service.retraining import ADAPTER_DIR, Decision
-from service.storage import PreconditionFailed, Storage, uri_join
+from service.storage import PreconditionFailed, Storage, record_bytes, uri_join
 
 log = structlog.get_logger(__name__)
 
@@ -167,4 +167,4 @@ class Publisher:
 
 
 def _dump(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, indent=1, default=str).encode()
+    return record_bytes(record)

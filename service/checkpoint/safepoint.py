@@ -29,6 +29,7 @@ from service.distributed import (
     gather_to_main,
     ranks_from_env,
 )
+from service.ledger import lost_work_seconds
 from service.manifest.spec import JobSpec
 from service.preemption import PreemptionWatcher
 
@@ -266,14 +267,14 @@ class SafePointCallback(TrainerCallback):
         committed = last.step if last is not None else start_step
         progress = bool(broadcast(committed > start_step))
         stopped_at = self.watcher.requested_unix or time.time()
-        committed_at = self.step_ended_unix.get(committed, stopped_at)
+        committed_at = self.step_ended_unix.get(committed)
         return Stop(
             reason=self.watcher.reason,
             step=step,
             committed_step=committed,
             in_time=in_time,
             progress=progress,
-            lost_seconds=round(max(stopped_at - committed_at, 0.0), 3),
+            lost_seconds=round(lost_work_seconds(committed_at, None, stopped_at), 3),
         )
 
 

@@ -16,7 +16,6 @@ further from base + adapter than bf16's rounding.
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import threading
 import time
@@ -40,7 +39,7 @@ from service.export.preflight import (
 )
 from service.manifest.spec import JobSpec
 from service.model import torch_dtype
-from service.storage import Storage, sha256_file, uri_join
+from service.storage import Storage, record_bytes, sha256_file, uri_join
 from service.versions import library_versions
 
 if TYPE_CHECKING:
@@ -275,7 +274,7 @@ def _export(
         output.upload_file(staging / entry["key"], f"{MERGED_DIR}/{entry['key']}")
     seconds["upload"] = _lap(started, seconds)
     seconds["total"] = round(time.monotonic() - started, 3)
-    output.write_bytes(EXPORT_RECORD, json.dumps(record, indent=1).encode())
+    output.write_bytes(EXPORT_RECORD, record_bytes(record))
     shutil.rmtree(staging, ignore_errors=True)
     log.info("export_published", uri=record["uri"], dtype=dtype, seconds=seconds, **verification)
     return record
