@@ -15,9 +15,11 @@ writer writes only its own key, so there is nothing to race.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -54,6 +56,18 @@ class Attempt:
     on_demand_gpu_hour_usd: float | None = None
     price_source: str = "none"
     events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def process_started_unix() -> float:
+    """When this process started: an attempt's bill starts there, with the imports and the
+    model load in its setup. Read from /proc (Linux, the container); else now."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        uptime_seconds = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - uptime_seconds + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 class AttemptLog:

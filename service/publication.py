@@ -80,6 +80,7 @@ class Publisher:
         adapter: Path,
         rows: list[dict[str, Any]],
         work_dir: Path,
+        stop: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], SpotloraError | None]:
         """Step 1 too, with spec.export.merged: the merged model under merged/ (service.export).
         A merge that does not reproduce base + adapter publishes nothing there; run.json says
@@ -89,7 +90,7 @@ class Publisher:
         prompts = export.verification_prompts(rows, spec.export.verify_prompts)
         try:
             return export.export_merged(
-                spec, model_dir, adapter, prompts, self.output, work_dir
+                spec, model_dir, adapter, prompts, self.output, work_dir, stop
             ), None
         except export.ExportMismatch as err:
             log.error("export_failed", error=str(err))
