@@ -237,13 +237,16 @@ def test_sigterm_during_startup_is_not_lost(
 ) -> None:
     """As PID 1 a SIGTERM while libraries still import must not kill the process outright:
     it is kept, and the run stops before loading anything more, without claiming the run.
-    No progress was made, so it exits 76 (the Job counts it), not 75."""
+    No progress was made, so it exits 76 (the Job counts it), not 75. The attempt is in the
+    ledger all the same, billed from its process's first second."""
     import signal
+    import time
 
     out = tmp_path / "out"
     path = write_manifest(
         tmp_path / "job.yaml", manifest("early", str(tiny_model), str(tiny_data), str(out))
     )
+    launched = time.time()
     # 0.5 s: the interpreter is up and importing, long before the run starts.
     done = run_job(
         ["run", "--manifest", str(path)],
@@ -254,7 +257,12 @@ def test_sigterm_during_startup_is_not_lost(
     assert done.code == 76, done.stderr[-3000:]
     assert done.named("preemption_requested")[0]["reason"] == "SIGTERM"
     assert not done.named("model_loaded")
-    assert not out.exists()  # nothing claimed, nothing written
+    # Nothing claimed, nothing published: the attempt's own record alone.
+    (record_path,) = [p for p in out.rglob("*") if p.is_file()]
+    assert record_path.parent == out / "checkpoints" / "early" / "attempts"
+    record = json.loads(record_path.read_text())
+    assert record["outcome"] == "preempted" and record["reason"] == "SIGTERM"
+    assert launched - 1 < record["started_unix"] < launched + 0.5
 
 
 def test_ctrl_c_stops_commands_that_run_no_job(tmp_path: Path) -> None:
