@@ -177,6 +177,19 @@ def evaluate(
     return record
 
 
+def evaluate_trained(
+    trainer: Any,
+    eval_rows: Sequence[dict[str, Any]],
+    spec: EvaluationSpec,
+    stop: Callable[[], None],
+) -> tuple[float | None, dict[str, Any] | None]:
+    """After training: the eval loss (with eval data), then samples and task metrics."""
+    has_eval = trainer.eval_dataset is not None
+    eval_loss = trainer.evaluate().get("eval_loss") if has_eval else None
+    log.info("evaluated", eval_loss=eval_loss)
+    return eval_loss, evaluate(trainer, eval_rows, spec, stop)
+
+
 def gate(
     trainer: Any,
     eval_rows: Sequence[dict[str, Any]],

@@ -57,6 +57,12 @@ class RunObserver:
             model=spec.model.source, manifest_sha256=manifest_sha256, run_id=run_id
         )
 
+    def opening(self) -> None:
+        """The attempt's record from its process's start, before the run is claimed, so an
+        attempt reclaimed while it loads still shows in the ledger (rank 0 keeps it)."""
+        if self.is_main:
+            self.attempt.open()
+
     # -- money -------------------------------------------------------------------
 
     def priced(self, instance_type: str | None, price: Price, gpus: int) -> list[dict[str, Any]]:

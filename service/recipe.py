@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from service.checkpoint.committer import BackgroundCommitter
 from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, rows_sha256
 from service.checkpoint.store import CheckpointStore
 from service.distributed import barrier, init_process_group, ranks_from_env
-from service.errors import ExitCode, Preempted, Superseded
+from service.errors import ExitCode, Superseded
 from service.history import RunHistory
 from service.manifest import LoadedManifest
 from service.metrics.registry import JobMetrics, Phase
@@ -75,7 +76,7 @@ class FineTuneRun:
         self.plan = ResumePlan(None, self.spec.training.gradient_accumulation)
         self.start_step = 0  # the step this attempt resumed at
         self.resume_dir: Path | None = None
-        self.trained_before = False  # the resumed checkpoint holds the last step
+        self.stop: Callable[[], None] = lambda: None  # after training: ends it on a stop
         self.skipped: str | None = None
         self.decision: Decision | None = None
 
@@ -85,8 +86,7 @@ class FineTuneRun:
         with ending, self.watcher:
             self.observer.phase(Phase.LOADING)
             if self.publisher.finished(repair=self.ranks.is_main) is None:
-                if self.ranks.is_main:
-                    self.attempt.open()  # from the process's start, before any load
+                self.observer.opening()  # the attempt's record, before any load
                 self.setup()
                 if self.skipped:
                     self.record_skip()
@@ -159,84 +159,56 @@ class FineTuneRun:
 
     def train(self) -> None:
         from service import evaluation
-        from service.trainer import restore_finished
+        from service.checkpoint.endgame import AfterTraining, end_early
+        from service.trainer import restored_if_finished
 
         self.watcher.raise_if_requested()
         self.observer.training()
-        if self.trained_before:  # a stop after training: its last step, nothing to train
-            restore_finished(self.trainer, self.resume_dir or Path())
-        else:
-            self._train()
-        # From here every phase honours a stop: the last step is committed, the next attempt
-        # resumes there and does what is left (evaluation, the gate, save, the export).
-        self.safepoint.after_training = self._stop_if_requested  # in Trainer's evaluation
-        stop = self._stop_if_requested
-        stop()
+        if not (self.resume_dir and restored_if_finished(self.trainer, self.resume_dir)):
+            try:
+                self.trainer.train(resume_from_checkpoint=self.resume_dir and str(self.resume_dir))
+            finally:
+                self.facts.mark("train")
+            if self.safepoint.stop.preempted:
+                end_early(self.safepoint, self.observer, self.trainer, self.start_step)
+        # The last step committed; from here a stop ends the attempt where it is (endgame).
+        self.observer.phase(Phase.CHECKPOINTING)
+        after = AfterTraining.begin(self.safepoint, self.observer, self.trainer, self.start_step)
+        stop = self.stop = after.check
         # Eval loss, generation samples and task metrics; with per-run outputs, the gate.
-        has_eval = self.trainer.eval_dataset is not None
-        eval_loss = self.trainer.evaluate().get("eval_loss") if has_eval else None
-        log.info("evaluated", eval_loss=eval_loss)
-        found = evaluation.evaluate(self.trainer, self.eval_rows, self.spec.evaluation, stop)
+        eval_loss, found = evaluation.evaluate_trained(
+            self.trainer, self.eval_rows, self.spec.evaluation, stop
+        )
         self.facts.evaluation = found
         self.observer.evaluated(found)
-        stop()
         if self.retraining is not None:
             value, measure = evaluation.gate(
                 self.trainer, self.eval_rows, self.spec, eval_loss, found, stop
             )
             self.decision = self.retraining.decide(value, measure)
             self.observer.promotion(self.decision.promoted, self.decision.reason)
-            stop()
-
-    def _train(self) -> None:
-        try:
-            self.trainer.train(resume_from_checkpoint=self.resume_dir and str(self.resume_dir))
-        finally:
-            self.facts.mark("train")
-        if self.safepoint.stop.preempted:
-            self.observer.stopping()
-            stop = self.safepoint.stop_and_commit(self.trainer, self.start_step)
-            self.observer.stopped(stop)
-            raise Preempted(stop.message(), progress=stop.progress)
-        # The last step committed before anything else starts. A commit that fails is
-        # counted in run.json and the metrics, never a reason to throw away the finished
-        # adapter; a stop meanwhile leaves it the grace budget.
-        self.observer.phase(Phase.CHECKPOINTING)
-        self.safepoint.commit_final(self.trainer)
-
-    def _stop_if_requested(self) -> None:
-        """After training: a stop ends the attempt where it is, within the grace budget."""
-        if not self.watcher.requested.is_set():
-            return
-        self.safepoint.after_training = None  # the endgame below evaluates nothing
-        self.observer.stopping()
-        stop = self.safepoint.stop_and_commit(self.trainer, self.start_step, agree=False)
-        self.observer.stopped(stop)
-        raise Preempted(stop.message(), progress=stop.progress)
 
     def save(self) -> None:
         self.observer.phase(Phase.EXPORTING)
         if not self.ranks.is_main:
             return  # rank 0 writes for the run
-        stop = self._stop_if_requested
         staging = self.work_dir / "adapter"
         self.trainer.model.save_pretrained(staging)
         self.trainer.processing_class.save_pretrained(staging)
         if not self.checkpoints.still_owner():
             raise Superseded("another process took over this run; not publishing its outputs")
         self.facts.mark("save")
-        stop()
+        self.stop()
         self.observer.publishing(self.trainer)  # tracker runs closed, files beside the adapter
         self.publisher.upload_adapter(staging)
         failed = None
         if self.spec.export.merged:
-            stop()
             self.trainer.model = None  # the merge loads the base again: free this copy first
             gc.collect()
             self.facts.export, failed = self.publisher.export_merged(
-                self.spec, self.model_dir, staging, self.prompt_rows, self.work_dir, stop
+                self.spec, self.model_dir, staging, self.prompt_rows, self.work_dir, self.stop
             )
-        stop()  # the last chance: once run.json is written, the run is done
+        self.stop()  # the last chance: once run.json is written, the run is done
         written = self.publisher.publish(
             decision=self.decision,
             compared_tag=self.retraining.published_tag if self.retraining else None,
@@ -290,10 +262,7 @@ class FineTuneRun:
         local = self.work_dir / "resume"
         committed = self.resumer.fetch(local, checkpoint_problem, self.facts.train_rows, self.plan)
         if committed is not None:
-            from service.trainer import finished_checkpoint
-
             self.resume_dir, self.start_step = local, committed.step
-            self.trained_before = finished_checkpoint(local)
             self.facts.resumed_from_step = committed.step
             self.safepoint.mark_resumed(committed.step)
             self.observer.resumed(committed.step)

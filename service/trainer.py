@@ -289,19 +289,17 @@ def evaluate_adapter(trainer: Any, adapter: Path) -> float:
         return float(trainer.evaluate(metric_key_prefix="published")["published_loss"])
 
 
-def finished_checkpoint(folder: Path) -> bool:
-    """The checkpoint holds the last step: training ended in an earlier attempt."""
+def restored_if_finished(trainer: Any, folder: Path) -> bool:
+    """When the checkpoint holds the last step (a stop came after training), its weights and
+    state, without training: Trainer's resume from the last step runs one more step (its
+    loop skips the trained batches, then steps before it looks at max_steps)."""
     state = TrainerState.load_from_json(str(folder / TRAINER_STATE_FILE))
-    return 0 < state.max_steps <= state.global_step
-
-
-def restore_finished(trainer: Any, folder: Path) -> None:
-    """The last step's weights and state, without training: Trainer's resume from the last
-    step runs one more step (its loop skips the trained batches, then steps before it looks
-    at max_steps), which would change the adapter."""
+    if not 0 < state.max_steps <= state.global_step:
+        return False
     trainer._load_from_checkpoint(str(folder))
-    trainer.state = TrainerState.load_from_json(str(folder / TRAINER_STATE_FILE))
-    log.info("training_already_finished", step=trainer.state.global_step)
+    trainer.state = state
+    log.info("training_already_finished", step=state.global_step)
+    return True
 
 
 TRAINER_STATE_FILE = "trainer_state.json"

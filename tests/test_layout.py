@@ -66,6 +66,7 @@ LAYERS = {
     "service.trainer": 3,
     "service.checkpoint.resume": 3,
     "service.checkpoint.safepoint": 3,
+    "service.checkpoint.endgame": 3,
     "service.metrics.callback": 3,
     "service.retraining": 3,
     "service.publication": 3,

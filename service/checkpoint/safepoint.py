@@ -12,7 +12,6 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -134,9 +133,6 @@ class SafePointCallback(TrainerCallback):
         self.step_rng: dict[str, Any] | None = None
         self.step_ended_unix: dict[int, float] = {}
         self.last_saved_step = -1
-        # Once training has ended: raises Preempted when a stop was requested (the recipe's),
-        # called at each evaluation batch Trainer runs for the phases after training.
-        self.after_training: Callable[[], None] | None = None
         self._save_requested_at: float | None = None
         self._staging = itertools.count()
 
@@ -199,12 +195,6 @@ class SafePointCallback(TrainerCallback):
             control.should_save = True
         if control.should_save:
             self._save_started()
-
-    def on_prediction_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        if self.after_training is not None:
-            self.after_training()
 
     def commit_final(self, trainer: Any) -> None:
         """When training has ended: the last step committed before anything else starts (the

@@ -192,6 +192,7 @@ def _export(
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.monotonic()
+    stop()
     if output.head(EXPORT_RECORD) is not None:  # 1.
         output.delete([EXPORT_RECORD])
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
