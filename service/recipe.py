@@ -224,6 +224,7 @@ class FineTuneRun:
         if self.ranks.is_main:
             self.publisher.record_skip({**self.records.build("skipped"), "reason": self.skipped})
             self.observer.metrics.skipped()
+            self.observer.attempt_ended("done", 0, reason=self.skipped)  # its record closed
 
     # ------------------------------------------------------------------ the steps' parts
 
