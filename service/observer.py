@@ -17,7 +17,7 @@ import structlog
 from service import ledger, tracking
 from service.attempts import AttemptLog
 from service.checkpoint.store import Committed
-from service.errors import Preempted, Superseded
+from service.errors import ExitCode, Preempted, Superseded
 from service.ledger import Price
 from service.manifest.spec import FineTuneJob, JobSpec
 from service.metrics.registry import JobMetrics, Phase
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from service.checkpoint.safepoint import Stop
 
 log = structlog.get_logger(__name__)
+
+BAD_INPUT = (ExitCode.INVALID_INPUT, ExitCode.DATA_UNUSABLE)
 
 
 class RunObserver:
@@ -58,8 +60,11 @@ class RunObserver:
         )
 
     def opening(self) -> None:
-        """The attempt's record from its process's start, before the run is claimed, so an
-        attempt reclaimed while it loads still shows in the ledger (rank 0 keeps it)."""
+        """The attempt's record (billed from its process's start), written before the model
+        loads and the run is claimed: an attempt reclaimed while it loads still shows in the
+        ledger (rank 0 keeps it). Earlier, the input is checked in seconds: an attempt that
+        ends there is written as it ends, unless its input was bad (nothing is written then,
+        and retrying cannot help)."""
         if self.is_main:
             self.attempt.open()
 
@@ -135,7 +140,8 @@ class RunObserver:
             self.attempt_ended("superseded", step())
             raise
         except BaseException as err:
-            self.attempt_ended("failed", step(), reason=repr(err))
+            if self.attempt.opened or getattr(err, "exit_code", None) not in BAD_INPUT:
+                self.attempt_ended("failed", step(), reason=repr(err))
             raise
         finally:
             self.finished(outcome, trainer())
@@ -224,6 +230,7 @@ class RunObserver:
         self.metrics.run_ledger(bill["attempts"], bill["total_usd"], bill["lost_to_preemption_usd"])
 
     def attempt_ended(self, outcome: str, step: int, **fields: Any) -> None:
-        """Once per attempt, on rank 0, claimed or not: one that ends while it loads shows."""
-        if self.is_main and self.attempt.opened and self.attempt.attempt.ended_unix is None:
+        """Once per attempt, on rank 0, claimed or not: one that ends while it starts shows."""
+        if self.is_main and self.attempt.attempt.ended_unix is None:
+            self.attempt.opened = True  # written now if not before (see opening)
             self.attempt.finish(outcome, last_step=step, **fields)

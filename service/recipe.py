@@ -86,7 +86,6 @@ class FineTuneRun:
         with ending, self.watcher:
             self.observer.phase(Phase.LOADING)
             if self.publisher.finished(repair=self.ranks.is_main) is None:
-                self.observer.opening()  # the attempt's record, before any load
                 self.setup()
                 if self.skipped:
                     self.record_skip()
@@ -125,6 +124,7 @@ class FineTuneRun:
             config = model.fetch_config(self.spec.model, token)
             export.preflight(self.spec, config, self.settings.cache_dir)
         self.watcher.raise_if_requested()
+        self.observer.opening()  # the attempt's record: a reclaim from here on leaves a trace
         # 4. The 4-bit base and the adapters, in a clean working directory.
         if self.ranks.is_local_main:  # the ranks of one node share its cache
             shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -224,7 +224,6 @@ class FineTuneRun:
         if self.ranks.is_main:
             self.publisher.record_skip({**self.records.build("skipped"), "reason": self.skipped})
             self.observer.metrics.skipped()
-            self.observer.attempt_ended("done", 0, reason=self.skipped)  # its record closed
 
     # ------------------------------------------------------------------ the steps' parts
 

@@ -187,7 +187,8 @@ def test_rows_that_cannot_train_fail_before_the_run_is_claimed(
     tiny_model: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     """Every response starts past max_length: found only once the rows are tokenized, after
-    the model is loaded, and still before anything is written, LATEST included."""
+    the model is loaded, and still before the run is claimed: nothing is written but the
+    attempt's own record (the model load it paid for is in the run's ledger)."""
     out = tmp_path / "out"
     doc = manifest("too-short", str(tiny_model), str(tiny_data), str(out), data={"max_length": 32})
     done = run_job(
@@ -197,7 +198,9 @@ def test_rows_that_cannot_train_fail_before_the_run_is_claimed(
     assert done.code == 65, done.stderr[-2000:]
     assert "no row has any response token within data.max_length=32" in done.stderr
     assert done.named("model_loaded")  # it failed late, after loading
-    assert not out.exists()  # no checkpoints/too-short/LATEST, nothing else either
+    (record_path,) = [p for p in out.rglob("*") if p.is_file()]  # no LATEST, no outputs
+    assert record_path.parent == out / "checkpoints" / "too-short" / "attempts"
+    assert json.loads(record_path.read_text())["outcome"] == "failed"
 
 
 @pytest.mark.parametrize("spec_change", [{"data": {"format": "chat"}}])
