@@ -53,9 +53,16 @@ def _batches(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 def generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop: Callable[[], None] | None = None,
 ) -> list[str]:
-    """Greedy responses, batched with left padding; the model is left as it was found."""
+    """Greedy responses, batched with left padding; the model is left as it was found.
+    ``stop`` is called before each batch: it raises to end the generation early (a stop
+    requested after training must not wait for a thousand samples)."""
     import torch
 
     from service.model import disable_cpu_inference_repack
@@ -68,6 +75,8 @@ def generate(
     try:
         with torch.no_grad():
             for batch in _batches(prompts, GENERATION_BATCH):
+                if stop is not None:
+                    stop()
                 # As trl tokenized the prompts it trained on: with the tokenizer's special
                 # tokens, unless a chat template already put them in the text.
                 bos = tokenizer.bos_token
@@ -117,9 +126,13 @@ def score(
 
 
 def evaluate(
-    trainer: Any, eval_rows: Sequence[dict[str, Any]], spec: EvaluationSpec
+    trainer: Any,
+    eval_rows: Sequence[dict[str, Any]],
+    spec: EvaluationSpec,
+    stop: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
-    """Samples (base and trained side by side) and task metrics (both), for run.json."""
+    """Samples (base and trained side by side) and task metrics (both), for run.json;
+    ``stop`` as generate's."""
     if not spec.samples and not spec.metrics:
         return None
     model, tokenizer = trainer.model, trainer.processing_class
@@ -134,7 +147,9 @@ def evaluate(
     results: dict[str, dict[str, str]] = {}
     for name, context in (("before", _without_adapter(model)), ("after", nullcontext())):
         with context:
-            answers = generate(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens)
+            answers = generate(
+                model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens, stop=stop
+            )
         results[name] = dict(zip(prompts, answers, strict=True))
     record: dict[str, Any] = {
         "samples": [
@@ -162,12 +177,26 @@ def evaluate(
     return record
 
 
+def evaluate_trained(
+    trainer: Any,
+    eval_rows: Sequence[dict[str, Any]],
+    spec: EvaluationSpec,
+    stop: Callable[[], None],
+) -> tuple[float | None, dict[str, Any] | None]:
+    """After training: the eval loss (with eval data), then samples and task metrics."""
+    has_eval = trainer.eval_dataset is not None
+    eval_loss = trainer.evaluate().get("eval_loss") if has_eval else None
+    log.info("evaluated", eval_loss=eval_loss)
+    return eval_loss, evaluate(trainer, eval_rows, spec, stop)
+
+
 def gate(
     trainer: Any,
     eval_rows: Sequence[dict[str, Any]],
     spec: JobSpec,
     eval_loss: float | None,
     found: dict[str, Any] | None,
+    stop: Callable[[], None] | None = None,
 ) -> tuple[float | None, Callable[[Path], float] | None]:
     """The promotion gate's measure: this run's value of promotion.metric, and how to take the
     same measure of another adapter (None without eval data)."""
@@ -184,7 +213,11 @@ def gate(
     def measure(adapter: Path) -> float:
         with other_adapter(model, adapter):
             answers = generate(
-                model, tokenizer, [e.prompt for e in scored], max_new_tokens=ev.max_new_tokens
+                model,
+                tokenizer,
+                [e.prompt for e in scored],
+                max_new_tokens=ev.max_new_tokens,
+                stop=stop,
             )
         return score(answers, [e.reference or "" for e in scored], [metric], ev.pattern)[metric]
 

@@ -24,7 +24,7 @@ import structlog
 
 from service.errors import PublicationConflict
 from service.manifest.spec import JobSpec
-from service.storage import PreconditionFailed, Storage
+from service.storage import PreconditionFailed, Storage, record_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +59,7 @@ class RunHistory:
             return
         key = f"{INDEX_PREFIX}/{int(entry['started_unix'] * 1000):015d}{suffix}"
         try:
-            self.storage.write_bytes(key, json.dumps(entry, indent=1).encode(), if_none_match=True)
+            self.storage.write_bytes(key, record_bytes(entry), if_none_match=True)
         except PreconditionFailed:
             log.info("run_index_entry_exists", key=key)  # a restarted pod of the same run
 
@@ -82,7 +82,7 @@ class RunHistory:
         return json.loads(self.storage.read_bytes(PUBLISHED_KEY)), info.etag
 
     def publish(self, pointer: dict[str, Any], expected_tag: str | None) -> None:
-        data = json.dumps(pointer, indent=1).encode()
+        data = record_bytes(pointer)
         try:
             if expected_tag is None:
                 self.storage.write_bytes(PUBLISHED_KEY, data, if_none_match=True)

@@ -12,6 +12,7 @@ run would have cost on demand.
 
 from __future__ import annotations
 
+import math
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,16 +55,44 @@ def load_price_table(path: Path) -> dict[str, dict[str, float]]:
 
 
 def price_from_table(table: dict[str, Any], instance_type: str) -> Price:
+    """The entry's prices per GPU-hour. An entry that is not what the table's format says
+    (a price that is not a finite positive number, ``gpus`` not an integer of at least 1)
+    leaves the attempt unpriced, with a warning naming it: a wrong bill is worse than none,
+    and a platform engineer's typo must not fail every run on the cluster."""
     entry = table.get(instance_type)
-    if not isinstance(entry, dict):
+    if entry is None:
         return NO_PRICE
-    gpus = float(entry.get("gpus") or 1)
+    problem = _entry_problem(entry)
+    if problem is not None:
+        log.warning("price_table_entry_invalid", instance_type=instance_type, problem=problem)
+        return NO_PRICE
+    gpus = entry.get("gpus", 1)
 
     def per_gpu(key: str) -> float | None:
         value = entry.get(key)
-        return float(value) / gpus if isinstance(value, int | float) else None
+        return None if value is None else float(value) / gpus
 
     return Price(per_gpu("spot_hour_usd"), per_gpu("on_demand_hour_usd"), f"table:{instance_type}")
+
+
+def _entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"expected a mapping of spot_hour_usd, on_demand_hour_usd, gpus, got {entry!r}"
+    unknown = sorted(set(entry) - {"spot_hour_usd", "on_demand_hour_usd", "gpus"})
+    if unknown:
+        return f"unknown keys {unknown}"
+    gpus = entry.get("gpus", 1)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        return f"gpus must be an integer of at least 1, got {gpus!r}"
+    for key in ("spot_hour_usd", "on_demand_hour_usd"):
+        value = entry.get(key)
+        if key == "on_demand_hour_usd" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{key} must be a number, got {value!r}"
+        if not math.isfinite(value) or value <= 0:
+            return f"{key} must be a finite price above 0, got {value!r}"
+    return None
 
 
 def resolve_price(
@@ -119,10 +148,26 @@ def detect_instance_type(cloud: str, aws_endpoint: str, gce_endpoint: str) -> st
 # --------------------------------------------------------------------------- rows and totals
 
 
-def _last_commit_unix(attempt: dict[str, Any]) -> float:
+def lost_work_seconds(
+    committed_step_ended_unix: float | None, train_started_unix: float | None, until: float
+) -> float:
+    """The work an attempt that ended early loses, whether it was preempted or killed: the
+    next attempt resumes at the step the committed checkpoint holds, so everything after
+    training reached that step (or after training began, when this attempt committed none)
+    is done again. Nothing before training began is work: start-up is counted apart, once
+    (``setup_seconds``)."""
+    start = committed_step_ended_unix or train_started_unix
+    return 0.0 if start is None else max(until - start, 0.0)
+
+
+def _committed_step_ended(attempt: dict[str, Any]) -> float | None:
+    if attempt.get("committed_step") is None:
+        return None
+    if attempt.get("committed_step_ended_unix") is not None:
+        return float(attempt["committed_step_ended_unix"])
+    # A record written before the step's end was kept: its commit is the nearest bound.
     commits = [e["time"] for e in attempt.get("events", []) if e.get("type") == "checkpoint"]
-    start = attempt.get("train_started_unix") or attempt["started_unix"]
-    return max(commits, default=start)
+    return max(commits, default=None)
 
 
 def row(attempt: dict[str, Any]) -> dict[str, Any]:
@@ -136,9 +181,14 @@ def row(attempt: dict[str, Any]) -> dict[str, Any]:
         gained, lost = attempt.get("last_step", start_step) - start_step, 0.0
     else:
         gained = (committed if committed is not None else start_step) - start_step
-        recorded = attempt.get("lost_seconds")
-        # Killed or failed: from its last commit to its last sign of life.
-        lost = recorded if recorded is not None else max(ended - _last_commit_unix(attempt), 0.0)
+        recorded = attempt.get("lost_seconds")  # a stop's, to the moment it was asked for
+        lost = (
+            recorded
+            if recorded is not None
+            else lost_work_seconds(
+                _committed_step_ended(attempt), attempt.get("train_started_unix"), ended
+            )
+        )
     train_started = attempt.get("train_started_unix")
     seconds = max(ended - started, 0.0)
     gpus = attempt.get("gpus") or 1
@@ -148,6 +198,7 @@ def row(attempt: dict[str, Any]) -> dict[str, Any]:
         return None if rate is None else round(s / 3600 * rate * gpus, 6)
 
     setup = max(train_started - started, 0.0) if train_started else seconds
+    lost = min(lost, max(seconds - setup, 0.0))  # each second counted once
     return {
         "pod": attempt.get("pod"),
         "node": attempt.get("node"),

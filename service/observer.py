@@ -17,7 +17,7 @@ import structlog
 from service import ledger, tracking
 from service.attempts import AttemptLog
 from service.checkpoint.store import Committed
-from service.errors import Preempted, Superseded
+from service.errors import ExitCode, Preempted, Superseded
 from service.ledger import Price
 from service.manifest.spec import FineTuneJob, JobSpec
 from service.metrics.registry import JobMetrics, Phase
@@ -25,8 +25,11 @@ from service.storage import Storage
 
 if TYPE_CHECKING:
     from service.checkpoint.safepoint import Stop
+    from service.fast import Report
 
 log = structlog.get_logger(__name__)
+
+BAD_INPUT = (ExitCode.INVALID_INPUT, ExitCode.DATA_UNUSABLE)
 
 
 class RunObserver:
@@ -42,6 +45,7 @@ class RunObserver:
         self._earlier_usd = 0.0  # the run's earlier attempts, from the ledger
         self._spent_until = time.time()
         self._billed = False  # the final bill is set: the run's gauges stand
+        self._step_ended_unix: dict[int, float] = {}  # steps not committed yet, rank 0
 
     def start(self, spec: JobSpec, local_rank: int, manifest_sha256: str, run_id: str) -> None:
         """Serve /metrics (local rank k on port + k: each GPU's throughput is its own) and
@@ -55,6 +59,22 @@ class RunObserver:
         self.metrics.set_info(
             model=spec.model.source, manifest_sha256=manifest_sha256, run_id=run_id
         )
+
+    def opening(self) -> None:
+        """The attempt's record (billed from its process's start), written before the model
+        loads and the run is claimed: an attempt reclaimed while it loads still shows in the
+        ledger (rank 0 keeps it). Earlier, the input is checked in seconds: an attempt that
+        ends there is written as it ends, unless its input was bad (nothing is written then,
+        and retrying cannot help)."""
+        if self.is_main:
+            self.attempt.open()
+
+    def kernels(self, report: Report | None) -> dict[str, Any] | None:
+        """The speed layer's report for run.json, and its gauges."""
+        if report is None:
+            return None
+        self.metrics.fused_kernels(report.counts(), len(report.fallbacks))
+        return report.as_dict()
 
     # -- money -------------------------------------------------------------------
 
@@ -128,7 +148,8 @@ class RunObserver:
             self.attempt_ended("superseded", step())
             raise
         except BaseException as err:
-            self.attempt_ended("failed", step(), reason=repr(err))
+            if self.attempt.opened or getattr(err, "exit_code", None) not in BAD_INPUT:
+                self.attempt_ended("failed", step(), reason=repr(err))
             raise
         finally:
             self.finished(outcome, trainer())
@@ -154,17 +175,22 @@ class RunObserver:
 
     def step_ended(self, step: int) -> None:
         if self.is_main:
+            self._step_ended_unix[step] = time.time()
             self.attempt.step(step)
             self._spend()
 
     def training(self) -> None:
-        self.attempt.attempt.train_started_unix = time.time()
+        if self.is_main:
+            self.attempt.update(train_started_unix=time.time())
         self.phase(Phase.TRAINING)
 
     # -- the committer -------------------------------------------------------------
 
     def committed(self, committed: Committed, upload_seconds: float, upload_bytes: int) -> None:
-        self.attempt.committed(committed.step)
+        ended = self._step_ended_unix.get(committed.step)
+        for done in [s for s in list(self._step_ended_unix) if s <= committed.step]:
+            self._step_ended_unix.pop(done, None)  # the training thread adds steps meanwhile
+        self.attempt.committed(committed.step, ended)
         self.metrics.checkpoint_committed(committed.step, upload_seconds, upload_bytes)
 
     def commit_failed(self, step: int, error: str) -> None:
@@ -174,8 +200,8 @@ class RunObserver:
     # -- the run's story -------------------------------------------------------------
 
     def resumed(self, step: int) -> None:
-        self.attempt.attempt.start_step = step
         self.attempt.event("resumed", step=step)
+        self.attempt.update(start_step=step, last_step=step)
         self.metrics.resumed(step)
 
     def stopping(self) -> None:
@@ -212,6 +238,7 @@ class RunObserver:
         self.metrics.run_ledger(bill["attempts"], bill["total_usd"], bill["lost_to_preemption_usd"])
 
     def attempt_ended(self, outcome: str, step: int, **fields: Any) -> None:
-        """Once per attempt, on rank 0, and only for an attempt that claimed the run."""
-        if self.is_main and self.attempt.started and self.attempt.attempt.ended_unix is None:
+        """Once per attempt, on rank 0, claimed or not: one that ends while it starts shows."""
+        if self.is_main and self.attempt.attempt.ended_unix is None:
+            self.attempt.opened = True  # written now if not before (see opening)
             self.attempt.finish(outcome, last_step=step, **fields)

@@ -33,7 +33,7 @@ from service.errors import PublicationConflict, SpotloraError, Superseded
 from service.history import RunHistory, index_entry
 from service.manifest.spec import JobSpec
 from service.retraining import ADAPTER_DIR, Decision
-from service.storage import PreconditionFailed, Storage, uri_join
+from service.storage import PreconditionFailed, Storage, record_bytes, uri_join
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +105,7 @@ class Publisher:
         adapter: Path,
         rows: list[dict[str, Any]],
         work_dir: Path,
+        stop: Callable[[], None] | None = None,
     ) -> tuple[dict[str, Any], SpotloraError | None]:
         """Step 1 too, with spec.export.merged: the merged model under merged/ (service.export).
         A merge that does not reproduce base + adapter publishes nothing there; run.json says
@@ -114,7 +115,7 @@ class Publisher:
         prompts = export.verification_prompts(rows, spec.export.verify_prompts)
         try:
             return export.export_merged(
-                spec, model_dir, adapter, prompts, self.output, work_dir
+                spec, model_dir, adapter, prompts, self.output, work_dir, stop
             ), None
         except export.ExportMismatch as err:
             log.error("export_failed", error=str(err))
@@ -225,4 +226,4 @@ class Publisher:
 
 
 def _dump(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, indent=1, default=str).encode()
+    return record_bytes(record)

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from service import export, fast, ledger, record, tracking
-from service.attempts import Attempt, AttemptLog
+from service import export, fast, fetch, ledger, record, tracking
+from service.attempts import Attempt, AttemptLog, process_started_unix
 from service.checkpoint.committer import BackgroundCommitter
 from service.checkpoint.resume import ResumePlan, Resumer, RunOrder, rows_sha256
 from service.checkpoint.store import CheckpointStore
 from service.distributed import barrier, init_process_group, ranks_from_env
-from service.errors import ExitCode, Preempted, Superseded
+from service.errors import ExitCode, Superseded
 from service.estimate.run import at_start
 from service.history import RunHistory
 from service.manifest import LoadedManifest
@@ -60,14 +60,10 @@ class FineTuneRun:
         self.facts = record.RunFacts(loaded, run_id, self.ranks.world_size)
         self.records = record.RunRecord(self.facts, parts.committer, parts.attempt)
         self.work_dir = settings.cache_dir / "runs" / run_id
-        self.checkpoints = parts.checkpoints
-        self.resumer = parts.resumer
-        self.committer = parts.committer
-        self.safepoint = parts.safepoint
-        self.watcher = parts.watcher
-        self.attempt = parts.attempt
-        self.observer = parts.observer
-        self.publisher = parts.publisher
+        self.checkpoints, self.resumer = parts.checkpoints, parts.resumer
+        self.committer, self.safepoint = parts.committer, parts.safepoint
+        self.watcher, self.attempt = parts.watcher, parts.attempt
+        self.observer, self.publisher = parts.observer, parts.publisher
         self.retraining = parts.retraining
         self.trainer: Any = None
         self.eval_rows: list[dict[str, Any]] = []
@@ -76,6 +72,7 @@ class FineTuneRun:
         self.plan = ResumePlan(None, self.spec.training.gradient_accumulation)
         self.start_step = 0  # the step this attempt resumed at
         self.resume_dir: Path | None = None
+        self.stop: Callable[[], None] = lambda: None  # after training: ends it on a stop
         self.skipped: str | None = None
         self.decision: Decision | None = None
 
@@ -120,10 +117,11 @@ class FineTuneRun:
         self.plan = self.resumer.plan(self.facts.train_rows)
         token = self.settings.hf_token.get_secret_value() if self.settings.hf_token else None
         if self.spec.export.merged:  # host memory and disk for the merge, before the hours
-            config = model.fetch_config(self.spec.model, token)
+            config = fetch.fetch_config(self.spec.model, token)
             held = export.held_by_this_process()  # the data and libraries, kept to the end
             export.preflight(self.spec, config, self.settings.cache_dir, held_bytes=held)
         self.watcher.raise_if_requested()
+        self.observer.opening()  # the attempt's record: a reclaim from here on leaves a trace
         # 4. The 4-bit base and the adapters, in a clean working directory.
         if self.ranks.is_local_main:  # the ranks of one node share its cache
             shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -132,9 +130,7 @@ class FineTuneRun:
         peft_model, tokenizer, self.model_dir = model.prepare(
             self.spec, self.settings.cache_dir, dtype, device, token
         )
-        if kernels := fast.report(peft_model):  # what the speed layer installed, and not
-            self.facts.kernels = kernels.as_dict()
-            self.observer.metrics.fused_kernels(kernels.counts(), len(kernels.fallbacks))
+        self.facts.kernels = self.observer.kernels(fast.report(peft_model))
         if self.retraining is not None and self.spec.promotion.warm_start:
             self.retraining.warm_start(peft_model)
         log.info(
@@ -163,33 +159,31 @@ class FineTuneRun:
 
     def train(self) -> None:
         from service import evaluation
+        from service.checkpoint.endgame import AfterTraining, end_early
+        from service.trainer import train_or_restore
 
         self.watcher.raise_if_requested()
         self.observer.training()
         try:
-            self.trainer.train(resume_from_checkpoint=self.resume_dir and str(self.resume_dir))
+            train_or_restore(self.trainer, self.resume_dir)
         finally:  # evaluation, generation and the export run the libraries' own code
             fast.uninstall(self.trainer.model)
             self.facts.mark("train")
         if self.safepoint.stop.preempted:
-            self.observer.stopping()
-            stop = self.safepoint.stop_and_commit(self.trainer, self.start_step)
-            self.observer.stopped(stop)
-            raise Preempted(stop.message(), progress=stop.progress)
-        # A periodic upload still in flight: one that fails is counted in run.json and the
-        # metrics, never a reason to throw away the finished adapter.
+            end_early(self.safepoint, self.observer, self.trainer, self.start_step)
+        # The last step committed; from here a stop ends the attempt where it is (endgame).
         self.observer.phase(Phase.CHECKPOINTING)
-        self.committer.wait()
+        after = AfterTraining.begin(self.safepoint, self.observer, self.trainer, self.start_step)
+        stop = self.stop = after.check
         # Eval loss, generation samples and task metrics; with per-run outputs, the gate.
-        has_eval = self.trainer.eval_dataset is not None
-        eval_loss = self.trainer.evaluate().get("eval_loss") if has_eval else None
-        log.info("evaluated", eval_loss=eval_loss)
-        found = evaluation.evaluate(self.trainer, self.eval_rows, self.spec.evaluation)
+        eval_loss, found = evaluation.evaluate_trained(
+            self.trainer, self.eval_rows, self.spec.evaluation, stop
+        )
         self.facts.evaluation = found
         self.observer.evaluated(found)
         if self.retraining is not None:
             value, measure = evaluation.gate(
-                self.trainer, self.eval_rows, self.spec, eval_loss, found
+                self.trainer, self.eval_rows, self.spec, eval_loss, found, stop
             )
             self.decision = self.retraining.decide(value, measure)
             self.observer.promotion(self.decision.promoted, self.decision.reason)
@@ -204,6 +198,7 @@ class FineTuneRun:
         if not self.checkpoints.still_owner():
             raise Superseded("another process took over this run; not publishing its outputs")
         self.facts.mark("save")
+        self.stop()
         self.observer.publishing(self.trainer)  # tracker runs closed, files beside the adapter
         self.publisher.upload_adapter(staging)
         failed = None
@@ -212,8 +207,9 @@ class FineTuneRun:
 
             release_model(self.trainer)  # the merge loads the base again: free this copy first
             self.facts.export, failed = self.publisher.export_merged(
-                self.spec, self.model_dir, staging, self.prompt_rows, self.work_dir
+                self.spec, self.model_dir, staging, self.prompt_rows, self.work_dir, self.stop
             )
+        self.stop()  # the last chance: once run.json is written, the run is done
         written = self.publisher.publish(
             decision=self.decision,
             compared_tag=self.retraining.published_tag if self.retraining else None,
@@ -290,7 +286,14 @@ def create_run(loaded: LoadedManifest, settings: RuntimeSettings, run_id: str) -
     seed = spec.checkpoint.resume_from
     attempt = AttemptLog(
         ckpt_root.child(run_id),
-        Attempt(checkpoints.writer, settings.pod_name, settings.node_name, None, time.time(), 0),
+        Attempt(
+            checkpoints.writer,
+            settings.pod_name,
+            settings.node_name,
+            None,
+            process_started_unix(),
+            0,
+        ),
     )
     auth = settings.pushgateway_auth
     metrics = JobMetrics(

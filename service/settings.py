@@ -52,10 +52,13 @@ class RuntimeSettings(BaseSettings):
         "gpus}' (the k8s overlays mount one from a ConfigMap).",
     )
     gpu_hour_usd: float | None = Field(
-        default=None, gt=0, description="Price of a GPU-hour, when the manifest names none."
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Price of a GPU-hour, when the manifest names none.",
     )
     on_demand_gpu_hour_usd: float | None = Field(
-        default=None, gt=0, description="On-demand price of the same GPU-hour."
+        default=None, gt=0, allow_inf_nan=False, description="On-demand price of the same GPU-hour."
     )
     cache_dir: Path = Field(
         default=Path.home() / ".cache" / "spotlora",

@@ -311,3 +311,26 @@ def evaluate_adapter(trainer: Any, adapter: Path) -> float:
     """Another adapter's eval loss on the trainer's eval data, on the same base."""
     with other_adapter(trainer.model, adapter):
         return float(trainer.evaluate(metric_key_prefix="published")["published_loss"])
+
+
+def restored_if_finished(trainer: Any, folder: Path) -> bool:
+    """When the checkpoint holds the last step (a stop came after training), its weights and
+    state, without training: Trainer's resume from the last step runs one more step (its
+    loop skips the trained batches, then steps before it looks at max_steps)."""
+    state = TrainerState.load_from_json(str(folder / TRAINER_STATE_FILE))
+    if not 0 < state.max_steps <= state.global_step:
+        return False
+    trainer._load_from_checkpoint(str(folder))
+    trainer.state = state
+    log.info("training_already_finished", step=state.global_step)
+    return True
+
+
+def train_or_restore(trainer: Any, resume_dir: Path | None) -> None:
+    """Train from the start or on from ``resume_dir``; a checkpoint of the last step is
+    only restored."""
+    if resume_dir is None or not restored_if_finished(trainer, resume_dir):
+        trainer.train(resume_from_checkpoint=resume_dir and str(resume_dir))
+
+
+TRAINER_STATE_FILE = "trainer_state.json"

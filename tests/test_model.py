@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service import fetch
 from service import model as product
 from service.manifest.spec import LoraSpec, ModelSpec, QuantizationSpec
 from service.memory import estimate_memory
@@ -97,15 +98,17 @@ def test_compile_layers_wraps_each_decoder_layer(tiny_model: Path) -> None:
 
 HUB_LOOKUPS = """
 import sys
-from service import model
+from pathlib import Path
+
+from service import fetch
 from service.errors import SpotloraError
 from service.manifest.spec import ModelSpec
 
 for status in (404, 401, 403):
     spec = ModelSpec(source=f"org/refused-{status}")
     for name, call in (
-        ("config", lambda: model.fetch_config(spec)),
-        ("snapshot", lambda: model.fetch_model(spec, model.Path(sys.argv[1]))),
+        ("config", lambda: fetch.fetch_config(spec)),
+        ("snapshot", lambda: fetch.fetch_model(spec, Path(sys.argv[1]))),
     ):
         try:
             call()
@@ -175,8 +178,8 @@ def test_a_missing_local_model_directory_is_named_without_asking_the_hub(tmp_pat
     manifest's error (exit 2), not a Hub lookup of the path (exit 69)."""
     missing = str(tmp_path / "no-such-model")
     for call in (
-        lambda: product.fetch_config(ModelSpec(source=missing)),
-        lambda: product.fetch_model(ModelSpec(source=missing), tmp_path),
+        lambda: fetch.fetch_config(ModelSpec(source=missing)),
+        lambda: fetch.fetch_model(ModelSpec(source=missing), tmp_path),
     ):
         with pytest.raises(product.ManifestError, match="no such directory"):
             call()

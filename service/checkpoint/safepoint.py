@@ -29,6 +29,7 @@ from service.distributed import (
     gather_to_main,
     ranks_from_env,
 )
+from service.ledger import lost_work_seconds
 from service.manifest.spec import JobSpec
 from service.preemption import PreemptionWatcher
 
@@ -39,6 +40,8 @@ TRAINING_ARGS_FILE = "training_args.bin"
 # Finish the optimizer step in progress only if that is expected to take at most this
 # share of the grace budget; otherwise checkpoint the previous step's state at once.
 FINISH_STEP_BUDGET_SHARE = 1 / 3
+# How often a wait for the final commit looks for a stop request.
+STOP_POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -180,15 +183,29 @@ class SafePointCallback(TrainerCallback):
         # Rank 0's clock decides, as it measures the saves: every rank then agrees below.
         time_due = self.ranks.is_main and self.schedule.time_due()
         requested, time_due = any_rank(self.watcher.requested.is_set(), time_due)
+        # The last step is always committed: evaluation, the gate and the export start from it,
+        # and a stop in any of them resumes there with nothing to train again.
+        last = 0 < state.max_steps <= step
         if requested:
             self.stop = StopState(preempted=True)
             control.should_training_stop = True
             if step != self.last_saved_step:
                 control.should_save = True
-        elif step != self.last_saved_step and (self.schedule.step_due(step) or time_due):
+        elif step != self.last_saved_step and (last or self.schedule.step_due(step) or time_due):
             control.should_save = True
         if control.should_save:
             self._save_started()
+
+    def commit_final(self, trainer: Any) -> None:
+        """When training has ended: the last step committed before anything else starts (the
+        loop saved it at its last step; a loop that ended otherwise is saved here). A stop
+        requested meanwhile leaves the commit what is left of the grace budget."""
+        if trainer.state.global_step > self.last_saved_step:
+            self.save_stopped_step(trainer)
+        while not self.committer.wait(STOP_POLL_SECONDS):
+            if self.watcher.requested.is_set():
+                self.committer.wait(max(self.watcher.seconds_left(), 0.0))
+                return
 
     def _save_started(self) -> None:
         self._save_requested_at = time.monotonic()
@@ -254,26 +271,34 @@ class SafePointCallback(TrainerCallback):
             torch.save(self.step_rng, folder / name)
         self.submit(folder, step)
 
-    def stop_and_commit(self, trainer: Any, start_step: int) -> Stop:
+    def stop_and_commit(self, trainer: Any, start_step: int, *, agree: bool = True) -> Stop:
         """After the loop stopped on a request: save the right step (the last completed one
         after a mid-step stop), wait for its commit within what is left of the grace
-        budget, and say what was kept. Every rank calls it; they agree on the progress."""
+        budget, and say what was kept. With ``agree`` every rank calls it and they agree on
+        the progress; after training (``agree`` False) each rank stops where it sees the
+        request, and a rank other than 0, which commits nothing, counts the last step as
+        committed (commit_final saw to it)."""
         if self.stop.mid_step:
             self.save_stopped_step(trainer)
         step = int(trainer.state.global_step)
         in_time = self.committer.wait(max(self.watcher.seconds_left(), 0.0))
         last = self.committer.last
-        committed = last.step if last is not None else start_step
-        progress = bool(broadcast(committed > start_step))
+        if last is not None:
+            committed = last.step
+        else:
+            committed = step if not agree and not self.ranks.is_main else start_step
+        progress = committed > start_step
+        if agree:
+            progress = bool(broadcast(progress))
         stopped_at = self.watcher.requested_unix or time.time()
-        committed_at = self.step_ended_unix.get(committed, stopped_at)
+        committed_at = self.step_ended_unix.get(committed)
         return Stop(
             reason=self.watcher.reason,
             step=step,
             committed_step=committed,
             in_time=in_time,
             progress=progress,
-            lost_seconds=round(max(stopped_at - committed_at, 0.0), 3),
+            lost_seconds=round(lost_work_seconds(committed_at, None, stopped_at), 3),
         )
 
 

@@ -119,8 +119,8 @@ def dumps(result: dict[str, Any]) -> str:
 def memory_report(spec: JobSpec, gpu_memory_gib: float) -> str:
     """``spotlora validate --gpu-memory-gib``: YAML comments, so the output stays a valid
     manifest."""
+    from service.fetch import fetch_config
     from service.memory import auto_batch_size, preflight_estimate
-    from service.model import fetch_config
 
     estimate = preflight_estimate(spec, fetch_config(spec.model))
     limit = int(gpu_memory_gib * 2**30)

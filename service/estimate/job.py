@@ -14,8 +14,9 @@ import structlog
 
 from service.errors import DataError, DependencyError, ManifestError
 from service.estimate.throughput import Shape
+from service.fetch import MODEL_FILE_SUFFIXES
 from service.manifest.spec import JobSpec, ModelSpec
-from service.model import MODEL_FILE_SUFFIXES, load_tokenizer
+from service.model import load_tokenizer
 from service.storage import S3Storage, split_s3_uri
 
 log = structlog.get_logger(__name__)
@@ -152,7 +153,7 @@ class Tokens:
 
 def shape_and_tokens(spec: JobSpec, rows: list[dict[str, Any]], hf_token: str | None) -> Any:
     """The model's shape and the job's sequences, from config and tokenizer only."""
-    from service.model import fetch_config
+    from service.fetch import fetch_config
 
     config = fetch_config(spec.model, hf_token)
     with tempfile.TemporaryDirectory() as tmp:

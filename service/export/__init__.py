@@ -17,11 +17,10 @@ further from base + adapter than bf16's rounding.
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +41,7 @@ from service.export.preflight import (
 )
 from service.manifest.spec import JobSpec
 from service.model import torch_dtype
-from service.storage import Storage, sha256_file, uri_join
+from service.storage import Storage, record_bytes, sha256_file, uri_join
 from service.versions import library_versions
 
 if TYPE_CHECKING:
@@ -167,12 +166,20 @@ def export_merged(
     prompts: list[str],
     output: Storage,
     work_dir: Path,
+    stop: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Merge, verify, publish under output's merged/ (the module's steps); returns what
     run.json records under "export". Raises ExportMismatch, with nothing uploaded, when the
-    merged files do not compute what base + adapter computes."""
+    merged files do not compute what base + adapter computes. ``stop`` is called between
+    stages and uploads, and raises to end the export there (a preempted pod's stop)."""
     with _MemoryPeaks() as peaks:
-        return _export(spec, model_dir, adapter_dir, prompts, output, work_dir, peaks)
+        return _export(
+            spec, model_dir, adapter_dir, prompts, output, work_dir, peaks, stop or _go_on
+        )
+
+
+def _go_on() -> None:
+    pass
 
 
 def _export(
@@ -183,11 +190,13 @@ def _export(
     output: Storage,
     work_dir: Path,
     peaks: _MemoryPeaks,
+    stop: Callable[[], None],
 ) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.monotonic()
+    stop()
     withdraw(output)  # 1.
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ManifestError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (not a saved adapter)")
@@ -208,10 +217,12 @@ def _export(
     base = _load(model_dir, spec, dtype, device, quantized=trained)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     seconds["load"] = _lap(started, seconds)
+    stop()
     reference = _logits(model, inputs)
     with model.disable_adapter():
         adapter_effect = compare_logits(reference, _logits(model, inputs))
     seconds["reference"] = _lap(started, seconds)
+    stop()
     if trained:  # the same weights, dequantized: a merge never goes into 4-bit weights
         del model, base
         gc.collect()
@@ -225,11 +236,13 @@ def _export(
     del merged, model
     gc.collect()
     seconds["merge_and_save"] = _lap(started, seconds)
+    stop()
     # The files as a user loads them, not the merged model in memory: what is compared is
     # what will be published.
     agreement = compare_logits(reference, _logits(_load(staging, spec, dtype, device), inputs))
     gc.collect()
     seconds["verify"] = _lap(started, seconds)
+    stop()
     tolerance = TOLERANCES[dtype]
     verification = {
         "metric": "KL(base + adapter || merged), nats a token, over each prompt's first "
@@ -275,10 +288,11 @@ def _export(
     }
     # 3. The new files, EXPORT.json last.
     for entry in files:
+        stop()
         output.upload_file(staging / entry["key"], f"{MERGED_DIR}/{entry['key']}")
     seconds["upload"] = _lap(started, seconds)
     seconds["total"] = round(time.monotonic() - started, 3)
-    output.write_bytes(EXPORT_RECORD, json.dumps(record, indent=1).encode())
+    output.write_bytes(EXPORT_RECORD, record_bytes(record))
     shutil.rmtree(staging, ignore_errors=True)
     log.info("export_published", uri=record["uri"], dtype=dtype, seconds=seconds, **verification)
     return record

@@ -30,6 +30,7 @@ class CheckpointSpec(Strict):
     grace_period_seconds: float = Field(
         default=15,
         gt=0,
+        allow_inf_nan=False,
         le=3600,
         description="Seconds the platform allows between SIGTERM and SIGKILL; the final checkpoint "
         "must be committed within it. Keep terminationGracePeriodSeconds at least this.",
@@ -62,6 +63,7 @@ class PreemptionSpec(Strict):
     max_runtime_seconds: float | None = Field(
         default=None,
         gt=0,
+        allow_inf_nan=False,
         description="Checkpoint and exit 75 after this long, leaving the rest to the next pod.",
     )
 
@@ -103,6 +105,7 @@ class CostSpec(Strict):
     gpu_hour_usd: float | None = Field(
         default=None,
         gt=0,
+        allow_inf_nan=False,
         description="What one GPU-hour costs this job (the spot price), for the cost ledger in "
         "run.json. Default: SPOTLORA_GPU_HOUR_USD, else the price table "
         "(SPOTLORA_PRICE_TABLE) entry for the instance type.",
@@ -110,6 +113,7 @@ class CostSpec(Strict):
     on_demand_gpu_hour_usd: float | None = Field(
         default=None,
         gt=0,
+        allow_inf_nan=False,
         description="The on-demand price of the same GPU-hour: what the run would have cost "
         "without spot.",
     )

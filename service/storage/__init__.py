@@ -16,6 +16,7 @@ from service.storage.base import (
     PreconditionFailed,
     Storage,
     join,
+    record_bytes,
     sha256_file,
     uri_join,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "fetch_cached",
     "join",
     "open_storage",
+    "record_bytes",
     "sha256_file",
     "split_s3_uri",
     "uri_join",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class PreconditionFailed(Exception):
@@ -98,3 +100,20 @@ class file_lock:
         self.path.unlink(missing_ok=True)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
+
+
+def record_bytes(record: Any) -> bytes:
+    """A record as strict JSON: a NaN or an infinity (a diverged loss, a bad price) becomes
+    null, since ``json.dumps`` would write ``NaN``/``Infinity``, which no JSON reader takes.
+    Values JSON has no type for are written as their ``str``."""
+    return json.dumps(_finite(record), indent=1, default=str, allow_nan=False).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -187,7 +187,8 @@ def test_rows_that_cannot_train_fail_before_the_run_is_claimed(
     tiny_model: Path, tiny_data: Path, tmp_path: Path
 ) -> None:
     """Every response starts past max_length: found only once the rows are tokenized, after
-    the model is loaded, and still before anything is written, LATEST included."""
+    the model is loaded, and still before the run is claimed: nothing is written but the
+    attempt's own record (the model load it paid for is in the run's ledger)."""
     out = tmp_path / "out"
     doc = manifest("too-short", str(tiny_model), str(tiny_data), str(out), data={"max_length": 32})
     done = run_job(
@@ -197,7 +198,9 @@ def test_rows_that_cannot_train_fail_before_the_run_is_claimed(
     assert done.code == 65, done.stderr[-2000:]
     assert "no row has any response token within data.max_length=32" in done.stderr
     assert done.named("model_loaded")  # it failed late, after loading
-    assert not out.exists()  # no checkpoints/too-short/LATEST, nothing else either
+    (record_path,) = [p for p in out.rglob("*") if p.is_file()]  # no LATEST, no outputs
+    assert record_path.parent == out / "checkpoints" / "too-short" / "attempts"
+    assert json.loads(record_path.read_text())["outcome"] == "failed"
 
 
 def test_a_base_model_without_a_chat_template_trains_chat_rows_with_the_manifests(
@@ -286,13 +289,16 @@ def test_sigterm_during_startup_is_not_lost(
 ) -> None:
     """As PID 1 a SIGTERM while libraries still import must not kill the process outright:
     it is kept, and the run stops before loading anything more, without claiming the run.
-    No progress was made, so it exits 76 (the Job counts it), not 75."""
+    No progress was made, so it exits 76 (the Job counts it), not 75. The attempt is in the
+    ledger all the same, billed from its process's first second."""
     import signal
+    import time
 
     out = tmp_path / "out"
     path = write_manifest(
         tmp_path / "job.yaml", manifest("early", str(tiny_model), str(tiny_data), str(out))
     )
+    launched = time.time()
     # 0.5 s: the interpreter is up and importing, long before the run starts.
     done = run_job(
         ["run", "--manifest", str(path)],
@@ -303,7 +309,12 @@ def test_sigterm_during_startup_is_not_lost(
     assert done.code == 76, done.stderr[-3000:]
     assert done.named("preemption_requested")[0]["reason"] == "SIGTERM"
     assert not done.named("model_loaded")
-    assert not out.exists()  # nothing claimed, nothing written
+    # Nothing claimed, nothing published: the attempt's own record alone.
+    (record_path,) = [p for p in out.rglob("*") if p.is_file()]
+    assert record_path.parent == out / "checkpoints" / "early" / "attempts"
+    record = json.loads(record_path.read_text())
+    assert record["outcome"] == "preempted" and record["reason"] == "SIGTERM"
+    assert launched - 1 < record["started_unix"] < launched + 0.5
 
 
 def test_ctrl_c_stops_commands_that_run_no_job(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ FETCH = """
 import sys
 from pathlib import Path
 from service.manifest.spec import ModelSpec
-from service.model import fetch_model
+from service.fetch import fetch_model
 fetch_model(ModelSpec(source=sys.argv[1]), Path(sys.argv[2]))
 """
 

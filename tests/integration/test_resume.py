@@ -6,6 +6,7 @@ import hashlib
 import json
 import pickle
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +297,57 @@ def test_a_failed_job_is_resumed_by_hand_as_operations_md_says(
     assert second.named("resuming")[0]["step"] == committed
     record = json.loads((out / "run.json").read_text())
     assert record["run_id"] == uid and record["resumed_from_step"] == committed
+
+
+def test_a_stop_after_training_keeps_the_last_step_and_the_rerun_trains_nothing(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    """SIGTERM while the samples generate, after training: the last step is committed (no
+    periodic checkpoint falls due in this job), the stop lands within the grace period as a
+    preemption, and the rerun goes on from the last step to an adapter and a merged export
+    bitwise like an uninterrupted run's (held-out rows change nothing that trains)."""
+    from service.checkpoint.store import CheckpointStore
+    from service.storage import open_storage
+
+    grace_seconds = 5.0
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(tiny_data.read_text().splitlines(keepends=True)[:6]))
+    gateway = RecordingGateway()
+    out = tmp_path / "out"
+    doc = job(
+        "resume",
+        tiny_model,
+        tiny_data,
+        out,
+        data={"eval": str(held_out)},
+        evaluation={"samples": 6, "metrics": ["contains"], "max_new_tokens": 16},
+        export={"merged": True},
+        checkpoint={"grace_period_seconds": grace_seconds},
+        metrics={"pushgateway_url": gateway.url},
+    )
+    path = write_manifest(tmp_path / "job.yaml", doc)
+    env = job_env(tmp_path / "cache")
+
+    def after_training(event: dict[str, Any]) -> int | None:
+        return signal.SIGTERM if event.get("event") == "evaluated" else None
+
+    first = run_job(["run", "-f", str(path)], env, interrupt=after_training)
+    ended = time.monotonic()
+    assert first.signals_sent, "the job ended before it could be interrupted"
+    assert first.code == 75, first.stderr[-3000:]
+    assert ended - first.signals_sent[0][1] < grace_seconds
+    assert not first.named("evaluation") and not (out / "run.json").exists()
+    assert gateway.phases()[-1] == "preempted"
+    store = CheckpointStore(open_storage(str(out / "checkpoints" / "resume")))
+    pointer, _ = store.read_pointer()
+    assert pointer is not None and pointer.step == STEPS
+
+    second = run_job(["run", "-f", str(path)], env)
+    assert second.code == 0, second.stderr[-3000:]
+    assert second.named("resuming")[0]["step"] == STEPS
+    assert not second.named("train_log") and second.named("training_already_finished")
+    record = assert_same_run(out, reference)
+    assert record["export"]["verification"]["passed"]
+    assert record["evaluation"]["rows_scored"] == 6
+    assert [a["outcome"] for a in record["attempts"]] == ["preempted", "done"]
+    assert [a["steps_gained"] for a in record["attempts"]] == [STEPS, 0]
