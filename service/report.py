@@ -152,6 +152,17 @@ def _bill(cost: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def bill_line(cost: Mapping[str, Any]) -> str | None:
+    """The bill against on demand, in one line above the attempts."""
+    bill = _bill(cost)
+    if not bill:
+        return None
+    return (
+        f"cost {bill['cost']}, lost to preemption {bill['lost to preemption']}; "
+        f"on demand, the same run: {bill['on demand, the same run']}"
+    )
+
+
 OUTCOME_COLOURS = {
     "done": "#009E73",
     "preempted": "#E69F00",
@@ -231,6 +242,9 @@ def plot(run_record: Mapping[str, Any], path: Path) -> Path:
     tps_ax.set_xlabel("step")
 
     _attempts_timeline(attempts_ax, attempts)
+    line = bill_line(run_record.get("cost") or {})
+    if line:
+        attempts_ax.set_title(line, loc="left", fontsize=10)
     for side in ("top", "right"):
         attempts_ax.spines[side].set_visible(False)
     for ax in (loss_ax, lr_ax, tps_ax):
