@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh Debian machine with Python 3.11:
 #   make quickstart   a small fine-tuning job on CPU, local storage
-#   make test         the whole suite (lint, types, unit, integration, deployment checks)
+#   make test         for contributors: installs Debian packages (sudo unless root), starts
+#                     dockerd, runs the whole suite (lint, types, unit, integration, deployment)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
