@@ -2,13 +2,14 @@
 
     .venv/bin/python examples/readme_report.py [--dir DIR] [--png docs/report.png]
 
-SmolLM2-135M-Instruct learns the quickstart's task through `spotlora run` in a child process,
-three times over the same run identity:
+A tiny random-init Llama (examples/samples.py: its steps take milliseconds, so the picture
+takes a minute or two on two busy cores) learns the quickstart's task through `spotlora run`
+in a child process, three times over the same run identity:
 
-1. SIGTERM at step 20, as a spot notice would send: the run commits and exits 75;
-2. SIGKILL at step 45, a node lost without notice: the steps after its last checkpoint
-   (step 40) are trained again;
-3. the run resumes from step 40 and finishes.
+1. SIGTERM at step 40, as a spot notice would send: the run commits and exits 75;
+2. SIGKILL at step 95, a node lost without notice: the steps after its last checkpoint
+   (step 80) are trained again;
+3. the run resumes from step 80 and finishes at step 150.
 
 Each attempt is priced from k8s/base/prices.yaml as a g4dn.xlarge (SPOTLORA_INSTANCE_TYPE),
 so the bill is what the same minutes would cost there, spot against on demand. The picture is
@@ -37,19 +38,20 @@ from examples.quickstart import SEED, job_manifest  # noqa: E402
 
 PRICES = REPO / "k8s" / "base" / "prices.yaml"
 INSTANCE_TYPE = "g4dn.xlarge"
-MAX_STEPS = 60
+MAX_STEPS = 150
+CHECKPOINT_EVERY_STEPS = 20
 # (step, signal): the first train_log at or past the step gets the signal.
-PREEMPTIONS = ((20, signal.SIGTERM), (45, signal.SIGKILL))
+PREEMPTIONS = ((40, signal.SIGTERM), (95, signal.SIGKILL))
 EXPECTED_EXITS = (75, -signal.SIGKILL, 0)
 
 
 def readme_job(model_dir: Path, train: Path, held_out: Path, output: Path) -> dict[str, Any]:
-    """The quickstart's job, longer, checkpointed every 10 steps, without evaluation or export."""
+    """The quickstart's job, longer, checkpointed every 20 steps, without evaluation or export."""
     job = job_manifest(model_dir, train, held_out, output)
     job["metadata"]["name"] = "readme-report"
     spec = job["spec"]
     spec["training"].update(max_steps=MAX_STEPS, batch_size="auto", logging_steps=1)
-    spec["checkpoint"] = {"every_steps": 10, "every_seconds": 3600}
+    spec["checkpoint"] = {"every_steps": CHECKPOINT_EVERY_STEPS, "every_seconds": 3600}
     del spec["evaluation"], spec["export"]
     return job
 
@@ -86,7 +88,8 @@ def run_attempt(job: Path, env: dict[str, str], attempt: int) -> int:
             if sig is not None:
                 proc.send_signal(sig)
                 sent = True
-                print(f"attempt {attempt + 1}: {signal.Signals(sig).name} at step {event['step']}")
+                name = signal.Signals(sig).name
+                print(f"attempt {attempt + 1}: {name} at step {event['step']}", flush=True)
     return proc.wait()
 
 
@@ -99,6 +102,7 @@ def job_env(cache: Path) -> dict[str, str]:
         "SPOTLORA_PRICE_TABLE": str(PRICES),
         "SPOTLORA_INSTANCE_TYPE": INSTANCE_TYPE,
         "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",  # the tiny model gains nothing from more, on a shared machine
     }
     env.pop("SPOTLORA_MANIFEST", None)
     env.pop("SPOTLORA_MANIFEST_URI", None)
@@ -117,11 +121,10 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=REPO / "quickstart-out" / "readme-report")
     parser.add_argument("--png", type=Path, default=REPO / "docs" / "report.png")
     args = parser.parse_args()
-    from examples.samples import export_smollm2, write_synthetic_splits
+    from examples.samples import write_synthetic_splits, write_tiny_llama
 
     shutil.rmtree(args.dir, ignore_errors=True)  # a finished run would not train again
-    cache = Path(os.environ.get("SPOTLORA_TEST_CACHE", REPO / ".cache"))
-    model_dir = export_smollm2(cache / "smollm2-135m")
+    model_dir = write_tiny_llama(args.dir / "model", seed=SEED)
     train, held_out = write_synthetic_splits(args.dir / "data", n_train=400, n_eval=32, seed=SEED)
     output = args.dir / "output"
     job = args.dir / "job.yaml"
@@ -129,7 +132,7 @@ def main() -> int:
     env = job_env(args.dir / "cache")
     for attempt, expected in enumerate(EXPECTED_EXITS):
         code = run_attempt(job, env, attempt)
-        print(f"attempt {attempt + 1}: exit {code}")
+        print(f"attempt {attempt + 1}: exit {code}", flush=True)
         if code != expected:
             print(f"expected exit {expected}: see the log above", file=sys.stderr)
             return 1

@@ -33,8 +33,8 @@ def test_job_is_valid_and_checkpoints_before_each_signal(tmp_path: Path) -> None
 
 def test_each_preempted_attempt_signals_once_at_its_step() -> None:
     decide = readme_report.signal_for
-    assert [decide(step, 0) for step in (19, 20, 21)] == [None, signal.SIGTERM, signal.SIGTERM]
-    assert [decide(step, 1) for step in (44, 45)] == [None, signal.SIGKILL]
+    assert [decide(step, 0) for step in (39, 40, 41)] == [None, signal.SIGTERM, signal.SIGTERM]
+    assert [decide(step, 1) for step in (94, 95)] == [None, signal.SIGKILL]
     assert decide(readme_report.MAX_STEPS, 2) is None
     assert readme_report.EXPECTED_EXITS == (75, -signal.SIGKILL, 0)
 
