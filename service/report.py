@@ -93,8 +93,10 @@ def _mark_events(ax: Axes, events: Sequence[Mapping[str, Any]]) -> None:
         ax.axvline(step, color=colour, linestyle=linestyle, linewidth=width, alpha=0.8, zorder=1)
 
 
-def _shade_lost_work(ax: Axes, events: Sequence[Mapping[str, Any]]) -> None:
-    """Shade the steps trained after the last commit before a preemption, then redone."""
+def _shade_lost_work(ax: Axes, events: Sequence[Mapping[str, Any]]) -> bool:
+    """Shade the steps trained after the last commit before a preemption, then redone;
+    whether there were any."""
+    shaded = False
     preempted_at: float | None = None
     for event in sorted(events, key=lambda e: _finite(e.get("time")) or 0.0):
         step = _finite(event.get("step"))
@@ -105,7 +107,9 @@ def _shade_lost_work(ax: Axes, events: Sequence[Mapping[str, Any]]) -> None:
         elif event.get("type") == "resumed" and preempted_at is not None:
             if preempted_at > step:
                 ax.axvspan(step, preempted_at, color=EVENT_STYLES["preempted"][0], alpha=0.12)
+                shaded = True
             preempted_at = None
+    return shaded
 
 
 def _no_data(ax: Axes, text: str) -> None:
@@ -256,8 +260,9 @@ def plot(run_record: Mapping[str, Any], path: Path) -> Path:
         attempts_ax.set_title(line, loc="left", fontsize=10)
     for side in ("top", "right"):
         attempts_ax.spines[side].set_visible(False)
+    redone = False
     for ax in (loss_ax, lr_ax, tps_ax):
-        _shade_lost_work(ax, events)
+        redone = _shade_lost_work(ax, events)
         _mark_events(ax, events)
         ax.grid(True, color="#e5e5e5", linewidth=0.8)
         ax.set_axisbelow(True)
@@ -271,7 +276,7 @@ def plot(run_record: Mapping[str, Any], path: Path) -> Path:
         for kind, (colour, style, label) in EVENT_STYLES.items()
         if kind in present
     ]
-    if "preempted" in present and "resumed" in present:
+    if redone:
         handles.append(
             Patch(color=EVENT_STYLES["preempted"][0], alpha=0.12, label="steps redone after resume")
         )

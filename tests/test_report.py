@@ -92,3 +92,18 @@ def test_preemptions_include_attempts_killed_outright() -> None:
 def test_sparse_or_odd_records_still_render(tmp_path: Path, record: dict) -> None:
     png, page = write_report(record, tmp_path)
     assert png.stat().st_size > 0 and page.stat().st_size > 0
+
+
+def test_only_steps_trained_again_are_shaded() -> None:
+    """A stop that committed its last step redid nothing: no shading, so no legend entry."""
+    from matplotlib.figure import Figure
+
+    from service.report import _shade_lost_work
+
+    ax = Figure().subplots()
+    kept = [
+        {"type": "preempted", "step": 41, "time": 1.0},
+        {"type": "resumed", "step": 41, "time": 2.0},
+    ]
+    assert _shade_lost_work(ax, kept) is False
+    assert _shade_lost_work(ax, run_record()["events"]) is True  # preempted at 55, resumed at 40
