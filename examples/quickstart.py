@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=REPO / "quickstart-out")
     args = parser.parse_args()
+    started = time.monotonic()
     from examples.samples import read_jsonl
     from service.cli import main as spotlora
 
@@ -119,6 +121,8 @@ def main() -> int:
     )
     merged = merged_exact_match(output / "merged", rows)
     print(f"merged model (transformers alone): {merged:.0%} exact match")
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    print(f"took {minutes} min {seconds:02d} s")
     print(f"adapter:       {output / 'adapter'}")
     print(f"merged model:  {output / 'merged'}")
     print(f"report:        {output / 'report.html'}  (before/after samples side by side)")

@@ -54,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--manifest",
             "-f",
-            metavar="PATH|s3://...",
-            help="job manifest (YAML/JSON); else $SPOTLORA_MANIFEST (inline), "
-            "else $SPOTLORA_MANIFEST_URI",
+            metavar="PATH|s3://...|-",
+            help="job manifest (YAML/JSON; - reads standard input); else $SPOTLORA_MANIFEST "
+            "(inline), else $SPOTLORA_MANIFEST_URI",
         )
         p.add_argument(
             "--set",
@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="PATH=VALUE",
-            help="override a field, e.g. training.learning_rate=1e-4 (repeatable)",
+            help="override a field, e.g. training.learning_rate=1e-4 or metadata.name=run-2 "
+            "(paths relative to spec unless they start with metadata, spec, kind or apiVersion; "
+            "repeatable)",
         )
 
     manifest_args(sub.add_parser("run", help="run a fine-tuning job"))

@@ -9,8 +9,9 @@ gone. It reads:
 - `events`: `{"type": "checkpoint" | "preempted" | "resumed", "step": int, "time": float}`,
   drawn as vertical lines on every panel.
 - `attempts` and `cost`: the ledger (service.ledger), drawn as a timeline of attempts, each
-  coloured by how it ended, with the work it lost shaded, and summed up in the table.
-- `metadata.name`: the title.
+  coloured by how it ended, with what preemption took from it hatched (a restart's start-up,
+  the work after its last commit), and summed up in the table and above the timeline.
+- `name` (the manifest's `metadata.name`): the title.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ def _mark_events(ax: Axes, events: Sequence[Mapping[str, Any]]) -> None:
         ax.axvline(step, color=colour, linestyle=linestyle, linewidth=width, alpha=0.8, zorder=1)
 
 
-def _shade_lost_work(ax: Axes, events: Sequence[Mapping[str, Any]]) -> None:
-    """Shade the steps trained after the last commit before a preemption, then redone."""
+def _shade_lost_work(ax: Axes, events: Sequence[Mapping[str, Any]]) -> bool:
+    """Shade the steps trained after the last commit before a preemption, then redone;
+    whether there were any."""
+    shaded = False
     preempted_at: float | None = None
     for event in sorted(events, key=lambda e: _finite(e.get("time")) or 0.0):
         step = _finite(event.get("step"))
@@ -104,7 +107,9 @@ def _shade_lost_work(ax: Axes, events: Sequence[Mapping[str, Any]]) -> None:
         elif event.get("type") == "resumed" and preempted_at is not None:
             if preempted_at > step:
                 ax.axvspan(step, preempted_at, color=EVENT_STYLES["preempted"][0], alpha=0.12)
+                shaded = True
             preempted_at = None
+    return shaded
 
 
 def _no_data(ax: Axes, text: str) -> None:
@@ -128,7 +133,8 @@ def summary(run_record: Mapping[str, Any]) -> dict[str, str]:
         "median tokens/s": f"{sorted(rates)[len(rates) // 2]:,.0f}" if rates else "-",
         "tokens (last process)": f"{tokens[-1]:,.0f}" if tokens else "-",
         "checkpoints": str(counts["checkpoint"]),
-        "preemptions": str(counts["preempted"]),
+        # The ledger also counts attempts killed outright, which left no event behind.
+        "preemptions": str((run_record.get("cost") or {}).get("preemptions", counts["preempted"])),
         "resumes": str(counts["resumed"]),
         **_bill(run_record.get("cost") or {}),
         **_against_estimate(run_record),
@@ -174,6 +180,17 @@ def _bill(cost: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
+def bill_line(cost: Mapping[str, Any]) -> str | None:
+    """The bill against on demand, in one line above the attempts."""
+    bill = _bill(cost)
+    if not bill:
+        return None
+    return (
+        f"cost {bill['cost']}, lost to preemption {bill['lost to preemption']}; "
+        f"on demand, the same run: {bill['on demand, the same run']}"
+    )
+
+
 OUTCOME_COLOURS = {
     "done": "#009E73",
     "preempted": "#E69F00",
@@ -201,19 +218,26 @@ def _attempts_timeline(ax: Axes, attempts: Sequence[Mapping[str, Any]]) -> None:
         if lost > 0:
             ax.barh(i, min(lost, width), left=left + width - min(lost, width), color="none",
                     edgecolor="#222222", hatch="///", height=0.6)  # fmt: skip
+        restart = (_finite(a.get("setup_seconds")) or 0.0) / 60 if i else 0.0
+        if restart > 0:  # a start-up repeated because of the preemption before it
+            ax.barh(i, min(restart, width), left=left, color="none", edgecolor="#222222",
+                    hatch="///", height=0.6)  # fmt: skip
         label = f"{a.get('outcome')}, +{a.get('steps_gained', 0)} steps"
         if _finite(a.get("cost_usd")) is not None:
             label += f", ${a['cost_usd']:.4f}"
         ax.text(left + width, i, f"  {label}", va="center", fontsize=8)
     ax.set_yticks(range(len(attempts)), [f"attempt {i + 1}" for i in range(len(attempts))])
     ax.invert_yaxis()
-    ax.set_xlabel("minutes since the run's first attempt started (hatched: work lost)")
+    ax.set_xlabel(
+        "minutes since the run's first attempt started "
+        "(hatched: lost to preemption, a restart's start-up and work after the last commit)"
+    )
 
 
 def plot(run_record: Mapping[str, Any], path: Path) -> Path:
     history = run_record.get("log_history") or []
     events = run_record.get("events") or []
-    name = (run_record.get("metadata") or {}).get("name") or "spotlora run"
+    name = run_record.get("name") or "spotlora run"
 
     attempts = run_record.get("attempts") or []
     fig = Figure(figsize=(10, 10.5), layout="constrained")
@@ -253,10 +277,14 @@ def plot(run_record: Mapping[str, Any], path: Path) -> Path:
     tps_ax.set_xlabel("step")
 
     _attempts_timeline(attempts_ax, attempts)
+    line = bill_line(run_record.get("cost") or {})
+    if line:
+        attempts_ax.set_title(line, loc="left", fontsize=10)
     for side in ("top", "right"):
         attempts_ax.spines[side].set_visible(False)
+    redone = False
     for ax in (loss_ax, lr_ax, tps_ax):
-        _shade_lost_work(ax, events)
+        redone = _shade_lost_work(ax, events)
         _mark_events(ax, events)
         ax.grid(True, color="#e5e5e5", linewidth=0.8)
         ax.set_axisbelow(True)
@@ -270,7 +298,7 @@ def plot(run_record: Mapping[str, Any], path: Path) -> Path:
         for kind, (colour, style, label) in EVENT_STYLES.items()
         if kind in present
     ]
-    if "preempted" in present and "resumed" in present:
+    if redone:
         handles.append(
             Patch(color=EVENT_STYLES["preempted"][0], alpha=0.12, label="steps redone after resume")
         )
@@ -291,7 +319,7 @@ def write_report(run_record: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write report.png and report.html (the PNG inlined) into out_dir; return both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot(run_record, out_dir / PNG_NAME)
-    name = (run_record.get("metadata") or {}).get("name") or "spotlora run"
+    name = run_record.get("name") or "spotlora run"
     rows = "\n".join(
         f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>"
         for key, value in summary(run_record).items()

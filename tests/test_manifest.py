@@ -649,3 +649,20 @@ def test_hostile_input_exits_2_with_one_message(
     assert "Traceback" not in proc.stderr
     said = [line for line in proc.stderr.splitlines() if line.startswith("spotlora: ")]
     assert len(said) == 1 and expected in said[0], proc.stderr
+
+
+def test_manifest_dash_reads_standard_input() -> None:
+    """`envsubst < job.yaml | spotlora validate -f -`: the manifest comes from the pipe."""
+    doc = example()
+    doc["metadata"]["name"] = "from-stdin"
+    result = subprocess.run(
+        [sys.executable, str(ENTRYPOINT), "validate", "-f", "-"],
+        input=yaml.safe_dump(doc),
+        env={k: v for k, v in os.environ.items() if not k.startswith("SPOTLORA_")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["metadata"]["name"] == "from-stdin"

@@ -33,7 +33,7 @@ def run_record() -> dict:
             history.append({"eval_loss": 3.1 - step / 100, "epoch": step / 50, "step": step})
     history.append({"train_runtime": 500.0, "train_loss": 2.5, "epoch": 2.0, "step": 100})
     return {
-        "metadata": {"name": "tiny <job>"},
+        "name": "tiny <job>",  # run.json's key for metadata.name
         "log_history": history,
         "events": [
             {"type": "checkpoint", "step": 40, "time": 1080.0},
@@ -73,11 +73,18 @@ def test_summary_figures() -> None:
     assert (facts["checkpoints"], facts["preemptions"], facts["resumes"]) == ("2", "1", "1")
 
 
+def test_preemptions_include_attempts_killed_outright() -> None:
+    """A SIGKILLed attempt writes no event; the ledger counts it from its attempt record."""
+    record = run_record()
+    record["cost"] = {"attempts": 3, "preemptions": 2}
+    assert summary(record)["preemptions"] == "2"
+
+
 @pytest.mark.parametrize(
     "record",
     [
         {},
-        {"metadata": {"name": "empty"}, "log_history": [], "events": []},
+        {"name": "empty", "log_history": [], "events": []},
         {"log_history": [{"loss": float("nan"), "step": 1}, {"loss": None, "step": 2}]},
         {"log_history": [{"loss": 1.0, "step": 1}], "events": [{"type": "unknown", "step": 1}]},
     ],
@@ -85,3 +92,18 @@ def test_summary_figures() -> None:
 def test_sparse_or_odd_records_still_render(tmp_path: Path, record: dict) -> None:
     png, page = write_report(record, tmp_path)
     assert png.stat().st_size > 0 and page.stat().st_size > 0
+
+
+def test_only_steps_trained_again_are_shaded() -> None:
+    """A stop that committed its last step redid nothing: no shading, so no legend entry."""
+    from matplotlib.figure import Figure
+
+    from service.report import _shade_lost_work
+
+    ax = Figure().subplots()
+    kept = [
+        {"type": "preempted", "step": 41, "time": 1.0},
+        {"type": "resumed", "step": 41, "time": 2.0},
+    ]
+    assert _shade_lost_work(ax, kept) is False
+    assert _shade_lost_work(ax, run_record()["events"]) is True  # preempted at 55, resumed at 40

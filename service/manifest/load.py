@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from service.uris import S3_PREFIX, check_storage_uri, parse_s3_uri
 log = structlog.get_logger(__name__)
 
 TOP_LEVEL_KEYS = ("apiVersion", "kind", "metadata", "spec")
+STDIN = "-"  # --manifest - reads the manifest from standard input
 
 # A manifest is a few KB; the limits leave two orders of magnitude of room and are checked
 # before parsing: PyYAML took 150 s and 1.9 GB of memory for a 50 MB manifest.
@@ -108,6 +110,8 @@ def read_manifest_bytes(uri: str) -> bytes:
     an oversized one is refused by decode_manifest without ever being read whole."""
     if uri.startswith(S3_PREFIX):
         return _read_s3_manifest(uri)
+    if uri == STDIN:  # `envsubst < job.yaml | spotlora run -f -`
+        return sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1)
     try:
         # Not only regular files: `-f <(envsubst < job.yaml)` is a pipe, and the bounded read
         # makes even /dev/zero safe.

@@ -9,8 +9,8 @@
 Names follow the Prometheus naming guide: a `spotlora_` prefix, base units (`_seconds`,
 `_bytes`, ratios in 0..1), `_total` on counters. There are no per-job labels on the metrics
 themselves: a scrape gets the Job's identity from target labels (see
-k8s/monitoring/podmonitor.yaml), a push from the grouping key. Never add a step, run id or pod as
-a label: each value would become a new series.
+k8s/components/podmonitor/podmonitor.yaml), a push from the grouping key. Never add a step, run
+id or pod as a label: each value would become a new series.
 
 Every metric lives on a per-job `CollectorRegistry`, not the process-global one, so a test (or a
 process that runs two jobs) can hold several at once.

@@ -15,6 +15,8 @@ from deploy_support import (
     GPU_OVERLAYS,
     MIN_GRACE_MARGIN_SECONDS,
     RENDERABLE,
+    REPO,
+    SCALEOUT_OVERLAYS,
     TERRAFORM,
     TRAINER,
     find,
@@ -173,6 +175,19 @@ def test_no_credentials_in_manifests(name: str) -> None:
         for container in [*spec.get("initContainers", []), *spec["containers"]]:
             for var in container.get("env", []):
                 assert var["name"] not in forbidden or "valueFrom" in var, var["name"]
+
+
+@pytest.mark.parametrize("name", [*RENDERABLE, *SCALEOUT_OVERLAYS])
+def test_hub_token_comes_from_an_optional_secret(name: str) -> None:
+    """HF_TOKEN from the Secret docs/deploy.md names, optional: a cluster without the Secret
+    still runs public models, and the token is never written into a manifest."""
+    docs = rendered(name)
+    env = {e["name"]: e for e in trainer(docs)["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "spotlora-hf-token", "key": "token", "optional": True}
+    }
+    docs_text = (REPO / "docs" / "deploy.md").read_text()
+    assert "secret generic spotlora-hf-token --from-literal=token=" in docs_text
 
 
 @pytest.mark.parametrize("name", RENDERABLE)

@@ -54,15 +54,21 @@ def test_renders_and_validates_strictly(name: str) -> None:
 
 @pytest.mark.parametrize("name", RENDERABLE)
 def test_podmonitor_shape(name: str) -> None:
+    """The PodMonitor comes only from components/podmonitor, which an overlay names itself:
+    base and the quickstart need no Prometheus Operator CRDs."""
     monitors = find_all(rendered(name), "PodMonitor")
-    if name == "cpu-quickstart":
-        assert not monitors, "the quickstart must not need the Prometheus Operator CRDs"
+    if name in ("base", "cpu-quickstart"):
+        assert not monitors, f"{name} must not need the Prometheus Operator CRDs"
         return
     (monitor,) = monitors
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(monitor["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector"}
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+        keys = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings"}
+        assert set(endpoint) <= keys
+        # The alert rules group by the Job's name, as the Pushgateway's grouping key does.
+        targets = {r["targetLabel"] for r in endpoint["relabelings"]}
+        assert "spotlora_job" in targets
 
 
 @pytest.mark.parametrize("name", RENDERABLE)
