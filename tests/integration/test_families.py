@@ -12,19 +12,13 @@ from typing import Any
 
 import pytest
 
+from examples.samples import TINY_LLAMA_DIMS
 from tests.jobs import adapter_tensors, job_env, manifest, run_job, step_losses, write_manifest
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# Every width a multiple of 64, the blocksize bitsandbytes quantizes 4-bit weights in; head_dim
-# set where a family's default (128 or 256) would dwarf the rest.
-DIMS: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
+# The tiny Llama's widths for every family; head_dim is set where a family's default (128 or
+# 256) would dwarf the rest.
+DIMS: dict[str, Any] = dict(TINY_LLAMA_DIMS)
 
 
 @dataclass(frozen=True)
