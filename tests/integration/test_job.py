@@ -239,7 +239,9 @@ def test_a_base_model_without_a_chat_template_trains_chat_rows_with_the_manifest
     assert "'chat' needs a chat template; " in done.stderr
     assert "name one in spec.data.chat_template (chatml, llama-3, zephyr)" in done.stderr
     assert not done.named("model_loaded")  # before the weights
-    assert not out.exists()
+    # Nothing but the attempt's own record: no LATEST, no outputs.
+    (record_path,) = [p for p in out.rglob("*") if p.is_file()]
+    assert record_path.parent == out / "checkpoints" / "base-chat" / "attempts"
     doc["spec"]["data"]["chat_template"] = "chatml"
     doc["spec"]["training"]["max_steps"] = 2
     doc["spec"]["export"] = {"merged": True}
