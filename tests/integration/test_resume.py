@@ -32,18 +32,54 @@ def job(name: str, tiny_model: Path, tiny_data: Path, out: Path, **sections: Any
     return manifest(name, str(tiny_model), str(tiny_data), str(out), training=training, **sections)
 
 
+GRACE_SECONDS = 5.0
+
+
+def after_training_job(tiny_model: Path, tiny_data: Path, out: Path, *, per_run: bool) -> dict:
+    """Held-out rows, samples and a task metric, a merged export: every phase after training
+    (held-out rows change nothing that trains). No periodic checkpoint falls due."""
+    held_out = out.parent / "eval.jsonl"
+    held_out.write_text("".join(tiny_data.read_text().splitlines(keepends=True)[:6]))
+    doc = job(
+        "resume",
+        tiny_model,
+        tiny_data,
+        out,
+        data={"eval": str(held_out)},
+        evaluation={"samples": 6, "metrics": ["contains"], "max_new_tokens": 16},
+        export={"merged": True},
+        checkpoint={"grace_period_seconds": GRACE_SECONDS},
+    )
+    doc["spec"]["output"]["per_run"] = per_run
+    return doc
+
+
+def merged_files(outputs: Path) -> dict[str, str]:
+    """The merged model's files and their sha256; EXPORT.json records times, not the model."""
+    merged = outputs / "merged"
+    return {
+        str(p.relative_to(merged)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(merged.rglob("*"))
+        if p.is_file() and p.name != "EXPORT.json"
+    }
+
+
 @pytest.fixture(scope="module")
 def reference(
     tiny_model: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    """One uninterrupted run to compare against."""
+    """One uninterrupted run to compare against, through every phase after training: its
+    adapter and its merged model (what runs after training changes nothing that trains)."""
     base = tmp_path_factory.mktemp("reference")
-    path = write_manifest(base / "job.yaml", job("resume", tiny_model, tiny_data, base / "out"))
-    done = run_job(["run", "-f", str(path)], job_env(base / "cache"))
+    doc = after_training_job(tiny_model, tiny_data, base / "out", per_run=False)
+    done = run_job(["run", "-f", str(write_manifest(base / "job.yaml", doc))], job_env(base / "c"))
     assert done.code == 0, done.stderr[-3000:]
+    merged = merged_files(base / "out")
+    assert "model.safetensors" in merged, merged
     return {
         "record": json.loads((base / "out" / "run.json").read_text()),
         "adapter": adapter_tensors(base / "out" / "adapter"),
+        "merged": merged,
     }
 
 
@@ -299,54 +335,6 @@ def test_a_failed_job_is_resumed_by_hand_as_operations_md_says(
     assert record["run_id"] == uid and record["resumed_from_step"] == committed
 
 
-GRACE_SECONDS = 5.0
-
-
-def after_training_job(tiny_model: Path, tiny_data: Path, out: Path, *, per_run: bool) -> dict:
-    """Held-out rows, samples and a task metric, a merged export: every phase after training
-    (held-out rows change nothing that trains). No periodic checkpoint falls due."""
-    held_out = out.parent / "eval.jsonl"
-    held_out.write_text("".join(tiny_data.read_text().splitlines(keepends=True)[:6]))
-    doc = job(
-        "resume",
-        tiny_model,
-        tiny_data,
-        out,
-        data={"eval": str(held_out)},
-        evaluation={"samples": 6, "metrics": ["contains"], "max_new_tokens": 16},
-        export={"merged": True},
-        checkpoint={"grace_period_seconds": GRACE_SECONDS},
-    )
-    doc["spec"]["output"]["per_run"] = per_run
-    return doc
-
-
-def merged_files(outputs: Path) -> dict[str, str]:
-    """The merged model's files and their sha256; EXPORT.json records times, not the model."""
-    merged = outputs / "merged"
-    return {
-        str(p.relative_to(merged)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(merged.rglob("*"))
-        if p.is_file() and p.name != "EXPORT.json"
-    }
-
-
-@pytest.fixture(scope="module")
-def finished(
-    tiny_model: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
-    """The job of every phase below, uninterrupted: its adapter and its merged model."""
-    base = tmp_path_factory.mktemp("finished")
-    doc = after_training_job(tiny_model, tiny_data, base / "out", per_run=False)
-    done = run_job(["run", "-f", str(write_manifest(base / "job.yaml", doc))], job_env(base / "c"))
-    assert done.code == 0, done.stderr[-3000:]
-    return {
-        "record": json.loads((base / "out" / "run.json").read_text()),
-        "adapter": adapter_tensors(base / "out" / "adapter"),
-        "merged": merged_files(base / "out"),
-    }
-
-
 @pytest.mark.parametrize(
     ("signal_at", "per_run"),
     [
@@ -364,7 +352,7 @@ def test_a_stop_after_training_keeps_the_last_step_and_the_rerun_trains_nothing(
     tiny_model: Path,
     tiny_data: Path,
     tmp_path: Path,
-    finished: dict[str, Any],
+    reference: dict[str, Any],
     signal_at: str,
     per_run: bool,
 ) -> None:
@@ -408,8 +396,8 @@ def test_a_stop_after_training_keeps_the_last_step_and_the_rerun_trains_nothing(
     assert second.code == 0, second.stderr[-3000:]
     assert second.named("resuming")[0]["step"] == STEPS
     assert not second.named("train_log") and second.named("training_already_finished")
-    record = assert_same_run(outputs, finished)
-    assert merged_files(outputs) == finished["merged"]
+    record = assert_same_run(outputs, reference)
+    assert merged_files(outputs) == reference["merged"]
     assert record["export"]["verification"]["passed"]
     assert record["evaluation"]["rows_scored"] == 6
     assert [a["outcome"] for a in record["attempts"]] == ["preempted", "done"]
