@@ -95,8 +95,10 @@ class Publisher:
         if self.output.head(RUN_RECORD) is not None:
             self.output.delete([RUN_RECORD])
         export.withdraw(self.output)
-        for path in sorted(p for p in adapter.rglob("*") if p.is_file()):
+        files = sorted(p for p in adapter.rglob("*") if p.is_file())
+        for path in files:
             self.output.upload_file(path, f"{ADAPTER_DIR}/{path.relative_to(adapter).as_posix()}")
+        log.info("adapter_uploaded", uri=uri_join(self.output.uri, ADAPTER_DIR), files=len(files))
 
     def export_merged(
         self,

@@ -236,6 +236,7 @@ def _export(
     del merged, model
     gc.collect()
     seconds["merge_and_save"] = _lap(started, seconds)
+    log.info("export_merged", dtype=dtype, device=device, seconds=seconds)
     stop()
     # The files as a user loads them, not the merged model in memory: what is compared is
     # what will be published.

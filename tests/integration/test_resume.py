@@ -32,18 +32,54 @@ def job(name: str, tiny_model: Path, tiny_data: Path, out: Path, **sections: Any
     return manifest(name, str(tiny_model), str(tiny_data), str(out), training=training, **sections)
 
 
+GRACE_SECONDS = 5.0
+
+
+def after_training_job(tiny_model: Path, tiny_data: Path, out: Path, *, per_run: bool) -> dict:
+    """Held-out rows, samples and a task metric, a merged export: every phase after training
+    (held-out rows change nothing that trains). No periodic checkpoint falls due."""
+    held_out = out.parent / "eval.jsonl"
+    held_out.write_text("".join(tiny_data.read_text().splitlines(keepends=True)[:6]))
+    doc = job(
+        "resume",
+        tiny_model,
+        tiny_data,
+        out,
+        data={"eval": str(held_out)},
+        evaluation={"samples": 6, "metrics": ["contains"], "max_new_tokens": 16},
+        export={"merged": True},
+        checkpoint={"grace_period_seconds": GRACE_SECONDS},
+    )
+    doc["spec"]["output"]["per_run"] = per_run
+    return doc
+
+
+def merged_files(outputs: Path) -> dict[str, str]:
+    """The merged model's files and their sha256; EXPORT.json records times, not the model."""
+    merged = outputs / "merged"
+    return {
+        str(p.relative_to(merged)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(merged.rglob("*"))
+        if p.is_file() and p.name != "EXPORT.json"
+    }
+
+
 @pytest.fixture(scope="module")
 def reference(
     tiny_model: Path, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
-    """One uninterrupted run to compare against."""
+    """One uninterrupted run to compare against, through every phase after training: its
+    adapter and its merged model (what runs after training changes nothing that trains)."""
     base = tmp_path_factory.mktemp("reference")
-    path = write_manifest(base / "job.yaml", job("resume", tiny_model, tiny_data, base / "out"))
-    done = run_job(["run", "-f", str(path)], job_env(base / "cache"))
+    doc = after_training_job(tiny_model, tiny_data, base / "out", per_run=False)
+    done = run_job(["run", "-f", str(write_manifest(base / "job.yaml", doc))], job_env(base / "c"))
     assert done.code == 0, done.stderr[-3000:]
+    merged = merged_files(base / "out")
+    assert "model.safetensors" in merged, merged
     return {
         "record": json.loads((base / "out" / "run.json").read_text()),
         "adapter": adapter_tensors(base / "out" / "adapter"),
+        "merged": merged,
     }
 
 
@@ -299,44 +335,58 @@ def test_a_failed_job_is_resumed_by_hand_as_operations_md_says(
     assert record["run_id"] == uid and record["resumed_from_step"] == committed
 
 
+@pytest.mark.parametrize(
+    ("signal_at", "per_run"),
+    [
+        # while the samples and the task metrics generate
+        pytest.param("evaluated", False, id="evaluation"),
+        # after the merge: while the merged files are verified and uploaded
+        pytest.param("export_merged", False, id="export"),
+        # the adapter published, run.json not yet written (the export is what runs between)
+        pytest.param("adapter_uploaded", False, id="publication"),
+        # a per-run job's gate decided to promote; nothing of that is written yet
+        pytest.param("promotion_decided", True, id="gate"),
+    ],
+)
 def test_a_stop_after_training_keeps_the_last_step_and_the_rerun_trains_nothing(
-    tiny_model: Path, tiny_data: Path, tmp_path: Path, reference: dict[str, Any]
+    tiny_model: Path,
+    tiny_data: Path,
+    tmp_path: Path,
+    reference: dict[str, Any],
+    signal_at: str,
+    per_run: bool,
 ) -> None:
-    """SIGTERM while the samples generate, after training: the last step is committed (no
-    periodic checkpoint falls due in this job), the stop lands within the grace period as a
-    preemption, and the rerun goes on from the last step to an adapter and a merged export
-    bitwise like an uninterrupted run's (held-out rows change nothing that trains)."""
+    """SIGTERM in a phase after training: the last step is committed, the stop lands within
+    the grace period as a preemption with nothing published as done, and the rerun trains no
+    step and publishes an adapter and a merged model bitwise like an uninterrupted run's."""
     from service.checkpoint.store import CheckpointStore
     from service.storage import open_storage
 
-    grace_seconds = 5.0
-    held_out = tmp_path / "eval.jsonl"
-    held_out.write_text("".join(tiny_data.read_text().splitlines(keepends=True)[:6]))
     gateway = RecordingGateway()
     out = tmp_path / "out"
-    doc = job(
-        "resume",
-        tiny_model,
-        tiny_data,
-        out,
-        data={"eval": str(held_out)},
-        evaluation={"samples": 6, "metrics": ["contains"], "max_new_tokens": 16},
-        export={"merged": True},
-        checkpoint={"grace_period_seconds": grace_seconds},
-        metrics={"pushgateway_url": gateway.url},
-    )
+    doc = after_training_job(tiny_model, tiny_data, out, per_run=per_run)
+    doc["spec"]["metrics"]["pushgateway_url"] = gateway.url
     path = write_manifest(tmp_path / "job.yaml", doc)
     env = job_env(tmp_path / "cache")
+    outputs = out / "runs" / "resume" if per_run else out
 
-    def after_training(event: dict[str, Any]) -> int | None:
-        return signal.SIGTERM if event.get("event") == "evaluated" else None
+    def in_phase(event: dict[str, Any]) -> int | None:
+        return signal.SIGTERM if event.get("event") == signal_at else None
 
-    first = run_job(["run", "-f", str(path)], env, interrupt=after_training)
+    first = run_job(["run", "-f", str(path)], env, interrupt=in_phase)
     ended = time.monotonic()
     assert first.signals_sent, "the job ended before it could be interrupted"
     assert first.code == 75, first.stderr[-3000:]
-    assert ended - first.signals_sent[0][1] < grace_seconds
-    assert not first.named("evaluation") and not (out / "run.json").exists()
+    assert ended - first.signals_sent[0][1] < GRACE_SECONDS
+    assert first.named("preempted")[0]["step"] == STEPS
+    assert not first.named("export_published") and not first.named("run_complete")
+    assert not (outputs / "run.json").exists() and not (outputs / "merged/EXPORT.json").exists()
+    assert not (out / "PUBLISHED").exists() and not (outputs / "PUBLISHING.json").exists()
+    if signal_at == "evaluated":
+        assert not first.named("evaluation")  # stopped in the middle of generating
+    if signal_at == "adapter_uploaded":
+        assert not first.named("export_merged")  # stopped while the export loads
+        assert (outputs / "adapter" / "adapter_model.safetensors").is_file()
     assert gateway.phases()[-1] == "preempted"
     store = CheckpointStore(open_storage(str(out / "checkpoints" / "resume")))
     pointer, _ = store.read_pointer()
@@ -346,8 +396,12 @@ def test_a_stop_after_training_keeps_the_last_step_and_the_rerun_trains_nothing(
     assert second.code == 0, second.stderr[-3000:]
     assert second.named("resuming")[0]["step"] == STEPS
     assert not second.named("train_log") and second.named("training_already_finished")
-    record = assert_same_run(out, reference)
+    record = assert_same_run(outputs, reference)
+    assert merged_files(outputs) == reference["merged"]
     assert record["export"]["verification"]["passed"]
     assert record["evaluation"]["rows_scored"] == 6
     assert [a["outcome"] for a in record["attempts"]] == ["preempted", "done"]
     assert [a["steps_gained"] for a in record["attempts"]] == [STEPS, 0]
+    if per_run:
+        assert record["promotion"]["promoted"]
+        assert json.loads((out / "PUBLISHED").read_text())["run_id"] == "resume"
