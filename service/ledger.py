@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 import yaml
 
+from service.estimate.gpus import CPU, GPUS
 from service.manifest.spec import JobSpec
 from service.settings import RuntimeSettings
 
@@ -78,9 +79,12 @@ def price_from_table(table: dict[str, Any], instance_type: str) -> Price:
 def _entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, dict):
         return f"expected a mapping of spot_hour_usd, on_demand_hour_usd, gpus, got {entry!r}"
-    unknown = sorted(set(entry) - {"spot_hour_usd", "on_demand_hour_usd", "gpus"})
+    unknown = sorted(set(entry) - {"spot_hour_usd", "on_demand_hour_usd", "gpus", "gpu"})
     if unknown:
         return f"unknown keys {unknown}"
+    named = entry.get("gpu")  # which GPU the instance carries, for `spotlora estimate`
+    if named is not None and not (isinstance(named, str) and (named in GPUS or named == CPU)):
+        return f"gpu must name one of {', '.join([*GPUS, CPU])}, got {named!r}"
     gpus = entry.get("gpus", 1)
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         return f"gpus must be an integer of at least 1, got {gpus!r}"

@@ -138,7 +138,9 @@ def test_killed_and_preempted_attempts_lose_work_from_the_committed_step() -> No
         ("{spot_hour_usd: .nan}", "spot_hour_usd must be a finite price above 0"),
         ("{spot_hour_usd: 0.2, on_demand_hour_usd: .inf}", "on_demand_hour_usd must be a finite"),
         ('{spot_hour_usd: "0.2"}', "spot_hour_usd must be a number"),
-        ("{spot_hour_usd: 0.2, gpu: 4}", "unknown keys ['gpu']"),
+        ("{spot_hour_usd: 0.2, gpu: 4}", "gpu must name one of T4"),
+        ("{spot_hour_usd: 0.2, gpu: T5}", "gpu must name one of T4"),
+        ("{spot_hour_usd: 0.2, gpus: 1, cuda: 12}", "unknown keys ['cuda']"),
         ("0.2", "expected a mapping"),
     ],
 )
@@ -163,6 +165,16 @@ def test_a_bad_price_table_entry_leaves_the_attempt_unpriced_with_a_warning(
         instance_type="g4dn.2xlarge",
     )  # fmt: skip
     assert other == ledger.Price(0.3, None, "table:g4dn.2xlarge")
+
+
+def test_a_price_table_entry_may_name_its_gpu(tmp_path: Path) -> None:
+    """`spotlora estimate` reads an entry's ``gpu``; the ledger prices the entry as ever."""
+    table = tmp_path / "prices.yaml"
+    table.write_text("box: {spot_hour_usd: 0.4, on_demand_hour_usd: 1.0, gpus: 2, gpu: L4}\n")
+    price = ledger.resolve_price(
+        manifest=(None, None), environment=(None, None), table_path=table, instance_type="box"
+    )
+    assert price == ledger.Price(0.2, 0.5, "table:box")
 
 
 def test_records_are_strict_json() -> None:
