@@ -106,8 +106,13 @@ def configure_logging(
     else:
         final = [Redactor(secrets), _escape_values, structlog.dev.ConsoleRenderer()]
 
+    # The chain is changed in place: a logger cached on its first use holds this very list,
+    # so a second configuration in one process (a program embedding the CLI, the tests) and
+    # structlog's own capture_logs reach it too.
+    processors = structlog.get_config()["processors"]
+    processors[:] = [*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=processors,
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -46,3 +46,18 @@ def test_library_records_go_through_the_same_chain(capsys) -> None:  # type: ign
     assert all(entry["job"] == "j1" for entry in lines)
     assert lines[1]["password"] == REDACTED
     assert "hunter2" not in io.StringIO(str(lines)).getvalue()
+
+
+def test_a_second_configuration_reaches_loggers_cached_under_the_first() -> None:
+    """Loggers are cached on first use; a process that configures logging again (a program
+    embedding the CLI, tests calling it in turn) must still reach them, and so must
+    structlog's capture_logs, which edits the configured chain in place."""
+    from structlog.testing import capture_logs
+
+    configure_logging("json", "INFO")
+    logger = structlog.get_logger("spotlora.cached")
+    logger.info("first")  # cached from here on
+    configure_logging("json", "INFO")
+    with capture_logs() as logs:
+        logger.info("second")
+    assert [entry["event"] for entry in logs] == ["second"]

@@ -24,8 +24,9 @@ ROWS = [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2
 
 
 def spec(**training: Any) -> JobSpec:
+    """The example job at the fixed batch these cases record (4 rows x 4 micro-batches)."""
     doc = yaml.safe_load(EXAMPLE_MANIFEST)
-    doc["spec"]["training"].update(training)
+    doc["spec"]["training"].update({"batch_size": 4, "gradient_accumulation": 4, **training})
     return validate_document(doc, "job.yaml").spec
 
 
