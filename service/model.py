@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 BF16_MIN_CAPABILITY = (8, 0)
-# Triton 3.3 dropped Turing (sm_75); the PyTorch releases pinned here ship a later one.
-COMPILE_MIN_CAPABILITY = (8, 0)
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ def resolve_compute_dtype(requested: str, device: Device) -> str:
 def check_compile_supported(device: Device) -> None:
     """What Triton needs, checked before anything is claimed or loaded: a recent GPU, and a C
     compiler (found as Triton finds it) to build each kernel's launcher."""
-    if device.capability is None or device.capability < COMPILE_MIN_CAPABILITY:
+    if device.capability is None or device.capability < fast.policy.TRITON_MIN_CAPABILITY:
         where = (
             "this machine has no CUDA GPU"
             if device.kind == "cpu"
