@@ -240,16 +240,65 @@ def ensure_model_dir(preset: str, path: Path) -> dict[str, float]:
 
 def emulate_t4() -> None:
     """A T4's 15 GiB (the caching allocator refuses to go past it in this process) and its
-    kernels: no Triton, which supports nothing below compute capability 8.0, so trl's LM-head
-    loss takes its PyTorch path as on a T4."""
+    kernels: its attention kernel, and no Triton, which supports nothing below compute
+    capability 8.0, so trl's LM-head loss takes its PyTorch path as on a T4."""
     import torch
     from trl.kernels import chunked_logprob
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, T4_MEMORY_BYTES / total), 0)
+    # A T4 (compute capability 7.5) has neither the flash nor cuDNN's attention kernel:
+    # under a mask SDPA takes the memory-efficient one there, about half cuDNN's speed.
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
     # As if Triton were missing: the run's policy then takes trl's PyTorch path and the
     # compiled fold of service.fast.logprob, as on a T4.
     chunked_logprob._TRITON_AVAILABLE = False
+
+
+COMPILERS = ("cc", "gcc", "clang")
+TOOLKIT_VARIABLES = ("CUDA_HOME", "CUDA_PATH", "CC", "CXX")
+
+
+def image_environment(bare: Path) -> dict[str, str]:
+    """The environment of the spotlora image for a process on a lab machine: no CUDA toolkit
+    variables, no compiler variables, and a PATH (`bare`, an empty directory, and python's
+    own directory where it holds no C compiler) on which Triton finds no compiler. torch also
+    looks for the toolkit in /usr/local/cuda: the process clears that itself
+    (`image_conditions`)."""
+    import shutil
+    import sys
+
+    bare.mkdir(parents=True, exist_ok=True)
+    python_dir = str(Path(sys.executable).parent)
+    dirs = [str(bare)]
+    if not any(shutil.which(cc, path=python_dir) for cc in COMPILERS):
+        dirs.insert(0, python_dir)
+    env = {k: v for k, v in os.environ.items() if k not in TOOLKIT_VARIABLES}
+    env["PATH"] = os.pathsep.join(dirs)
+    return env
+
+
+def image_conditions() -> None:
+    """In a process started with image_environment: torch finds no CUDA toolkit either (it
+    would find /usr/local/cuda on its own). Fails loudly if a compiler or the toolkit's
+    headers are still found, so a figure is never labelled with conditions it did not have."""
+    import shutil
+
+    import torch.utils.cpp_extension as extension
+
+    extension.CUDA_HOME = None
+    found = [cc for cc in COMPILERS if shutil.which(cc)] + [
+        v for v in TOOLKIT_VARIABLES if os.environ.get(v)
+    ]
+    try:
+        extension.include_paths("cuda")
+    except OSError:
+        pass
+    else:
+        found.append("the CUDA toolkit's include paths")
+    if found:
+        raise SystemExit(f"not the image's conditions: {', '.join(found)} found")
 
 
 def matmul_tflops(dtype_name: str, size: int = 8192, repeats: int = 20) -> float:

@@ -6,6 +6,10 @@ seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-
 spotlora-compile[:B..], spotlora-without-LEVER[+LEVER..][:B..] (norms, rotary, swiglu, lora,
 attention, loss: the fused kernels of service.fast left out)
 (B: micro-batch sizes, swept in one process; default 'auto', the product's default).
+A variant's name may end in @image (spotlora@image:8): its process runs in the spotlora
+image's conditions, no CUDA toolkit and no C compiler, beside lab variants on the same
+machine. A variant named more than once runs each time in turn (interleave them to compare
+across the machine's drift); the summary gives each name's mean and range.
 """
 
 from __future__ import annotations
@@ -17,7 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import PRESETS, ensure_model_dir, environment, matmul_tflops, write_json
+from bench.common import (
+    PRESETS,
+    ensure_model_dir,
+    environment,
+    image_environment,
+    matmul_tflops,
+    write_json,
+)
 
 
 def prepare(preset: str, model_dir: Path, out: Path) -> None:
@@ -30,6 +41,7 @@ def prepare(preset: str, model_dir: Path, out: Path) -> None:
 
 def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: float) -> list[str]:
     name, _, sizes = spec.partition(":")
+    name, image, _ = name.partition("@image")
     cmd = [sys.executable, "-m", "bench.variant"]
     cmd += ["spotlora" if name.startswith("spotlora") else name]
     cmd += ["--model-dir", str(opts.model_dir), "--preset", opts.preset, "--out", str(out)]
@@ -55,7 +67,27 @@ def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: floa
         cmd += ["--uncheckpointed-layers", name.removeprefix("spotlora-keep")]
     if sizes:
         cmd += ["--batch-sizes", sizes]
+    if image:
+        cmd.append("--image-conditions")
     return cmd
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """Each variant's mean and range over its runs, where it ran more than once."""
+    rates: dict[str, list[float]] = {}
+    for res in results:
+        for run in res.get("runs", []):
+            if run["status"] == "ok":
+                rates.setdefault(res["variant"], []).append(run["tokens_per_second"])
+    lines = []
+    for name, seen in rates.items():
+        if len(seen) > 1:
+            mean = sum(seen) / len(seen)
+            lines.append(
+                f"{name}: {len(seen)} runs, mean {mean:,.0f} tokens/s, "
+                f"{min(seen):,.0f} to {max(seen):,.0f} ({(max(seen) - min(seen)) / mean:.1%})"
+            )
+    return "\n".join(lines)
 
 
 def table(results: list[dict[str, Any]], seed_rate: float | None) -> str:
@@ -121,8 +153,9 @@ def main() -> None:
         # useful MFU over the rate of the dtype the variants compute in
         rate = info["fp16_matmul_tflops"] if opts.t4 else info["bf16_matmul_tflops"]
         cmd = variant_command(spec, opts, out, rate)
+        env = image_environment(opts.out / "bare") if "--image-conditions" in cmd else None
         try:
-            code = subprocess.run(cmd, timeout=opts.timeout).returncode
+            code = subprocess.run(cmd, timeout=opts.timeout, env=env).returncode
         except subprocess.TimeoutExpired:
             code = -1
         res = json.loads(out.read_text()) if out.is_file() else {"variant": spec, "runs": []}
@@ -137,6 +170,7 @@ def main() -> None:
         f"{info['fp16_matmul_tflops']:.0f}; T4 emulation: {opts.t4}"
     )
     print(table(results, seed_rate))
+    print(summary(results))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import emulate_t4, environment, param_count, token_rows, write_json
+from bench.common import (
+    emulate_t4,
+    environment,
+    image_conditions,
+    param_count,
+    token_rows,
+    write_json,
+)
 
 ROWS = 6000
 
@@ -277,11 +284,18 @@ def main() -> None:
         help="selective activation checkpointing: the last N decoder layers keep their activations",
     )
     parser.add_argument(
+        "--image-conditions",
+        action="store_true",
+        help="started by bench.run in the image's environment: torch finds no CUDA toolkit",
+    )
+    parser.add_argument(
         "--triton-loss",
         action="store_true",
         help="with --t4: keep trl's Triton LM-head loss kernel, which a real T4 cannot use",
     )
     opts = parser.parse_args()
+    if opts.image_conditions:
+        image_conditions()
 
     import torch
 
@@ -316,6 +330,7 @@ def main() -> None:
         "t4_emulation": opts.t4,
         "without": opts.without,
         "dtype": dtype,
+        "conditions": "image" if opts.image_conditions else "lab",
         **environment(),
         "runs": [],
     }
@@ -345,6 +360,9 @@ def main() -> None:
     peft_model, tokenizer, load_seconds = load_product_model(first, opts.model_dir, dtype)
     result["model_load_seconds"] = load_seconds
     result["frozen_dtype"] = frozen_dtype
+    fused = fast.report(peft_model)
+    result["kernels"] = fused.as_dict() if fused else None
+    print("kernels", result["kernels"], flush=True)
     config = AutoConfig.from_pretrained(opts.model_dir)
     for size in opts.batch_sizes.split(","):
         overrides: dict[str, Any] = {
