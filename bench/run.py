@@ -4,7 +4,7 @@ Builds (once) a random-init model directory of the preset's shape, measures the 
 fp16 matmul rates, runs each variant in its own process and prints one table. Variants:
 seed, seed-packing, spotlora[:B1,B2,..], spotlora-nockpt[:B..], spotlora-frozen-fp32[:B..],
 spotlora-compile[:B..], spotlora-without-LEVER[+LEVER..][:B..] (norms, rotary, swiglu, lora,
-attention, loss: the fused kernels of service.fast left out)
+loss: the fused kernels of service.fast left out)
 (B: micro-batch sizes, swept in one process; default 'auto', the product's default).
 A variant's name may end in @image (spotlora@image:8): its process runs in the spotlora
 image's conditions, no CUDA toolkit and no C compiler, beside lab variants on the same
@@ -72,7 +72,7 @@ def variant_command(spec: str, opts: argparse.Namespace, out: Path, tflops: floa
     return cmd
 
 
-def summary(results: list[dict[str, Any]]) -> str:
+def spread(results: list[dict[str, Any]]) -> str:
     """Each variant's mean and range over its runs, where it ran more than once."""
     rates: dict[str, list[float]] = {}
     for res in results:
@@ -147,9 +147,8 @@ def main() -> None:
     print("prepare", json.dumps(info), flush=True)
     results = []
     for i, spec in enumerate(variants):
-        out = (
-            opts.out / f"{i:02d}-{spec.replace(':', '-').replace(',', '_').replace('+', '_')}.json"
-        )
+        stem = spec.replace(":", "-").replace(",", "_").replace("+", "_").replace("@", "-")
+        out = opts.out / f"{i:02d}-{stem}.json"
         # useful MFU over the rate of the dtype the variants compute in
         rate = info["fp16_matmul_tflops"] if opts.t4 else info["bf16_matmul_tflops"]
         cmd = variant_command(spec, opts, out, rate)
@@ -170,7 +169,7 @@ def main() -> None:
         f"{info['fp16_matmul_tflops']:.0f}; T4 emulation: {opts.t4}"
     )
     print(table(results, seed_rate))
-    print(summary(results))
+    print(spread(results))
 
 
 if __name__ == "__main__":

@@ -269,7 +269,7 @@ def main() -> None:
         "--without",
         default="",
         help="comma-separated fused kernels to leave out (service.fast): "
-        "norms, rotary, swiglu, lora, attention, loss (the models', peft's and trl's own "
+        "norms, rotary, swiglu, lora, loss (the models', peft's and trl's own "
         "code instead)",
     )
     parser.add_argument(
@@ -312,7 +312,6 @@ def main() -> None:
         "rotary": "rotary",
         "swiglu": "swiglu",
         "lora": "lora",
-        "attention": "grouped_attention",
         "loss": "lm_head_loss",
     }
     left_out = set()

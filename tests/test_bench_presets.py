@@ -30,7 +30,7 @@ def test_preset_attention_implementation(preset: str, attention: str) -> None:
 
 
 def test_a_variant_named_at_image_runs_in_the_images_conditions(tmp_path) -> None:
-    """`spotlora-without-attention@image:8` is the lab variant's command plus the image's
+    """`spotlora-without-rotary@image:8` is the lab variant's command plus the image's
     conditions: a process started in image_environment finds no compiler and no toolkit
     (and says so when one is set back), so its figures are labelled with what they ran in."""
     import argparse
@@ -41,10 +41,10 @@ def test_a_variant_named_at_image_runs_in_the_images_conditions(tmp_path) -> Non
     from bench.run import variant_command
 
     opts = argparse.Namespace(model_dir=tmp_path, preset="mistral-7b", steps=4, warmup=1, t4=True)
-    lab = variant_command("spotlora-without-attention:8", opts, tmp_path / "a.json", 1.0)
-    image = variant_command("spotlora-without-attention@image:8", opts, tmp_path / "a.json", 1.0)
+    lab = variant_command("spotlora-without-rotary:8", opts, tmp_path / "a.json", 1.0)
+    image = variant_command("spotlora-without-rotary@image:8", opts, tmp_path / "a.json", 1.0)
     assert image == [*lab, "--image-conditions"]
-    assert lab[lab.index("--without") + 1] == "attention"
+    assert lab[lab.index("--without") + 1] == "rotary"
 
     check = "from bench.common import image_conditions; image_conditions(); print('bare')"
     env = image_environment(tmp_path / "bare")

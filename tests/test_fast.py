@@ -11,7 +11,7 @@ import torch
 
 from service import fast
 from service.errors import ManifestError
-from service.fast import attention, elementwise, logprob, lora, rms_norm, rotary, swiglu
+from service.fast import elementwise, logprob, lora, rms_norm, rotary, swiglu
 from service.fast.policy import Policy
 from service.fast.probe import Fallback
 
@@ -293,77 +293,6 @@ def test_checkpointing_does_not_recompute_the_last_projections_4bit_matmul(
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def _packed_loss_and_grads(model: Any) -> tuple[float, dict[str, torch.Tensor]]:
-    """Two rows, each two sequences packed (positions restart) and the second row padded."""
-    ids = torch.arange(48).reshape(2, 24) % 50 + 3
-    positions = torch.cat((torch.arange(10), torch.arange(14))).expand(2, 24)
-    attention = torch.ones(2, 24, dtype=torch.long)
-    attention[1, 20:] = 0
-    out = model(input_ids=ids, labels=ids, attention_mask=attention, position_ids=positions)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return float(out.loss), grads
-
-
-def test_grouped_query_attention_without_repeated_heads_matches_for_this_model_only(
-    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The tiny Llama has two query heads per key/value head. Under a mask (padding, packed
-    sequences) the fused attention gives the same loss and gradients, through its own path,
-    registered under its own key for this model: "sdpa" itself is never changed, and another
-    model in the process keeps it."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    stock = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    other = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    assert model.config._attn_implementation == "sdpa"
-    loss, grads = _packed_loss_and_grads(model)
-    repeated = []
-    repeat_rows = attention._repeat_rows
-    monkeypatch.setattr(
-        attention,
-        "_repeat_rows",
-        lambda mask, groups, dtype: repeated.append(groups) or repeat_rows(mask, groups, dtype),
-    )
-    assert attention.applies(model, AS_ON_CUDA) is None
-    assert attention.install(model, AS_ON_CUDA) == model.config.num_hidden_layers
-    assert model.config._attn_implementation == attention.KEY
-    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is stock
-    repeated.clear()  # the probe's
-    fused_loss, fused_grads = _packed_loss_and_grads(model)
-    assert repeated == [2] * model.config.num_hidden_layers
-    assert fused_loss == pytest.approx(loss, rel=1e-5)
-    assert fused_grads.keys() == grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    repeated.clear()
-    assert _packed_loss_and_grads(other)[0] == pytest.approx(loss, rel=1e-5)
-    assert repeated == []  # the other model runs sdpa
-    # A torch.compile'd model (training.torch_compile) keeps its own attention: while
-    # Inductor traces, it hands every call to the original.
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert _packed_loss_and_grads(model)[0] == pytest.approx(loss, rel=1e-5)
-    assert repeated == []
-    attention.uninstall(model)
-    assert model.config._attn_implementation == "sdpa"
-    assert attention.KEY not in ALL_ATTENTION_FUNCTIONS
-    assert _packed_loss_and_grads(model)[0] == pytest.approx(loss, rel=1e-5)
-    assert repeated == []
-
-
-def test_attention_other_than_sdpa_is_not_replaced(tiny_model: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model, dtype=torch.float32, attn_implementation="eager"
-    )
-    assert "'eager', not sdpa" in (attention.applies(model, AS_ON_CUDA) or "")
-
-
 def test_trls_tile_functions_are_the_ones_the_loss_kernels_replace(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -483,7 +412,6 @@ def test_fuse_reports_and_uninstall_leaves_nothing_patched(
             "lora": 5 * layers,
             "rotary": 1,
             "swiglu": layers,
-            "grouped_attention": layers,
         }
         assert list(report.fallbacks) == ["lm_head_loss"] and not report.triton
         assert report.as_dict()["policy"]["c_compiler"] is None

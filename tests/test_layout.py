@@ -55,7 +55,6 @@ LAYERS = {
     "service.fast.lora": 2,
     "service.fast.rotary": 2,
     "service.fast.swiglu": 2,
-    "service.fast.attention": 2,
     "service.fast.logprob": 2,
     "service.fast.offload": 2,
     "service.targets": 2,

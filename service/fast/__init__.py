@@ -14,7 +14,6 @@ What runs on every GPU, a T4 included, with no Triton and no CUDA toolkit:
   the GPU at hand, service.fast.nvrtc), in place of five to eight kernels and their
   intermediate tensors. CUDA only; the CPU keeps the models' own code.
 - lora: the LoRA update of a 4-bit layer as one addmm into the base layer's output.
-- grouped_attention: grouped-query attention without copies of the key/value heads.
 - lm_head_loss: trl's PyTorch fold of the LM-head loss through two compiled kernels, where
   Triton cannot run.
 training.fused_kernels: "off" installs none, "require" refuses a run where any falls back.
@@ -28,7 +27,7 @@ from typing import Any
 import structlog
 
 from service.errors import ManifestError
-from service.fast import attention, logprob, lora, rms_norm, rotary, swiglu
+from service.fast import logprob, lora, rms_norm, rotary, swiglu
 from service.fast.policy import Policy
 from service.fast.probe import Fallback
 
@@ -36,7 +35,7 @@ log = structlog.get_logger(__name__)
 
 # In the order they are installed: the LoRA update before the MLPs whose probe goes through it.
 # (The benchmarks leave some out by filtering this, to measure what each one is worth.)
-REPLACEMENTS = (rms_norm, lora, rotary, swiglu, attention, logprob)
+REPLACEMENTS = (rms_norm, lora, rotary, swiglu, logprob)
 NAMES = tuple(r.NAME for r in REPLACEMENTS)
 _ATTRIBUTE = "spotlora_fused"  # the report, on the model it describes
 
@@ -105,9 +104,9 @@ def report(model: Any) -> Report | None:
 
 
 def uninstall(model: Any) -> None:
-    """Every replacement undone: the model's modules back to their own forwards, its
-    attention back to sdpa, the modeling modules' and trl's functions and flag as they were.
-    Safe to call twice, or on a model never fused."""
+    """Every replacement undone: the model's modules back to their own forwards, the
+    modeling modules' and trl's functions and flag as they were. Safe to call twice, or on a
+    model never fused."""
     for replacement in reversed(REPLACEMENTS):
         replacement.uninstall(model)
     log.info("fused_kernels_uninstalled")

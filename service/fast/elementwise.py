@@ -140,9 +140,7 @@ def rotary_function() -> Any:
         def forward(ctx: Any, x: Any, cos: Any, sin: Any) -> Any:
             ctx.save_for_backward(cos, sin)
             ctx.layout = x.stride()
-            # Contiguous (batch, heads, length, dim), whatever x's layout: the grouped-query
-            # attention (service.fast.attention) then lays a key/value head's query heads one after
-            # another along the length by a view.
+            # Contiguous (batch, heads, length, dim), whatever x's layout: what SDPA reads.
             out = x.new_empty(x.shape)
             return elementwise(x.is_cuda).rope(x, cos, sin, out, backward=False)
 
