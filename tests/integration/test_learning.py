@@ -4,6 +4,7 @@ model it publishes answers as the adapter does."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,12 @@ from tests.jobs import job_env, run_job
 @pytest.mark.slow
 def test_smollm2_learns_the_synthetic_task(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     job, _, held_out = prepare(tmp_path)
-    done = run_job(["run", "--manifest", str(job)], job_env(tmp_path / "cache"))
+    # Every core, as a user's quickstart runs: nothing here is compared bit for bit across
+    # processes (job_env's one OpenMP thread nearly doubles this job's 45 steps).
+    threads = str(len(os.sched_getaffinity(0)))
+    done = run_job(
+        ["run", "--manifest", str(job)], job_env(tmp_path / "cache", OMP_NUM_THREADS=threads)
+    )
     assert done.code == 0, done.stderr[-3000:]
     output = tmp_path / "output"
     record = json.loads((output / "run.json").read_text())
